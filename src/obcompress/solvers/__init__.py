@@ -1,0 +1,1 @@
+"""Pure layer solvers on (W, H); see the submodules."""

@@ -1,0 +1,231 @@
+"""Shared pieces of the layer solvers: input checks, the layer loss, Hessian preparation, results.
+
+Everything here works on plain tensors (W: rows x cols, H: cols x cols) and raises ``ValueError``
+with a message that names the problem, so that callers higher up can prefix the layer name.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+# Relative dampening levels tried, in order, when a solver is called with damp="auto".
+# Zero comes first because it is the OBC reference's setting; the rest rescue rank-deficient H.
+AUTO_DAMP_LEVELS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+# "auto" also rejects a factor whose squared pivot ratio exceeds this: the greedy loop runs in
+# float32 and an H^-1 with a larger spread loses all its digits there.
+AUTO_MAX_PIVOT_RATIO2 = 1e10
+
+
+@dataclass
+class SolverResult:
+    """Outcome of compressing one layer.
+
+    ``weight`` has the shape and dtype of the input W; ``mask`` is True where a weight is kept
+    (None when nothing was pruned); ``loss`` is ``layer_loss(W, weight, H)`` with the H given
+    (undamped); ``grid`` is the quantization grid used (None for pure pruning).
+    """
+
+    weight: torch.Tensor
+    loss: float
+    mask: Optional[torch.Tensor] = None
+    grid: Any = None
+    method: str = ""
+    damp: float = 0.0
+    seconds: float = 0.0
+    info: dict = field(default_factory=dict)
+
+    @property
+    def sparsity(self) -> float:
+        if self.mask is None:
+            return 0.0
+        return 1.0 - self.mask.float().mean().item()
+
+
+def layer_loss(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
+    """The layer objective 1/2 tr((W - W_hat) H (W - W_hat)^T), accumulated in float64."""
+    if W.shape != W_hat.shape:
+        raise ValueError(f"layer_loss: W has shape {tuple(W.shape)} but W_hat has {tuple(W_hat.shape)}")
+    D = (W.to(torch.float64) - W_hat.to(torch.float64))
+    H = H.to(device=D.device, dtype=torch.float64)
+    return 0.5 * float(((D @ H) * D).sum())
+
+
+def check_weight(W: torch.Tensor) -> None:
+    if not isinstance(W, torch.Tensor):
+        raise ValueError(f"W must be a torch.Tensor, got {type(W).__name__}")
+    if W.dim() != 2:
+        raise ValueError(f"W must be 2-D (rows x cols), got shape {tuple(W.shape)}")
+    if W.numel() == 0:
+        raise ValueError(f"W is empty (shape {tuple(W.shape)})")
+    if not W.is_floating_point():
+        raise ValueError(f"W must be floating point, got {W.dtype}")
+    if not torch.isfinite(W).all():
+        bad = (~torch.isfinite(W)).sum().item()
+        raise ValueError(f"W has {bad} non-finite entries (NaN or inf)")
+
+
+def check_hessian(H: torch.Tensor, cols: int) -> None:
+    if not isinstance(H, torch.Tensor):
+        raise ValueError(f"H must be a torch.Tensor, got {type(H).__name__}")
+    if H.dim() != 2 or H.shape[0] != H.shape[1]:
+        raise ValueError(f"H must be square (cols x cols), got shape {tuple(H.shape)}")
+    if H.shape[0] != cols:
+        raise ValueError(f"H is {H.shape[0]}x{H.shape[1]} but W has {cols} columns")
+    if not torch.isfinite(H).all():
+        raise ValueError("H has non-finite entries (NaN or inf): the calibration inputs overflowed or were invalid")
+    if (torch.diagonal(H) < 0).any():
+        raise ValueError("H has negative diagonal entries: it is not a Hessian of the form 2XX^T/n")
+
+
+def check_sparsity(sparsity: float, allow_none: bool = False) -> None:
+    if sparsity is None and allow_none:
+        return
+    if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or math.isnan(sparsity):
+        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+
+
+def check_bits(bits: int) -> None:
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an integer in 2..8, got {bits!r}")
+
+
+def num_pruned(sparsity: float, total: int) -> int:
+    """How many weights a sparsity level removes out of ``total`` (round half up, as one count rule for all)."""
+    return int(math.floor(sparsity * total + 0.5))
+
+
+@dataclass(frozen=True)
+class MaskStructure:
+    """A parsed ``mask_structure``: "unstructured", "N:M" or "block:c".
+
+    "N:M" has the meaning of the hardware and of compressed-tensors: every group of M consecutive
+    columns keeps N weights (so "2:4" is 50% sparse and "1:4" is 75%). "block:c" prunes whole runs
+    of c consecutive columns of a row.
+    """
+
+    kind: str  # "unstructured" | "nm" | "block"
+    n: int = 0
+    m: int = 0
+    block: int = 1
+
+    @property
+    def pruned_per_group(self) -> int:
+        return self.m - self.n
+
+    @property
+    def fixed_sparsity(self) -> Optional[float]:
+        return (self.m - self.n) / self.m if self.kind == "nm" else None
+
+    def __str__(self) -> str:
+        if self.kind == "nm":
+            return f"{self.n}:{self.m}"
+        if self.kind == "block":
+            return f"block:{self.block}"
+        return "unstructured"
+
+
+def parse_mask_structure(mask_structure: str, cols: Optional[int] = None) -> MaskStructure:
+    if not isinstance(mask_structure, str):
+        raise ValueError(f"mask_structure must be a string, got {mask_structure!r}")
+    s = mask_structure.strip().lower()
+    if s == "unstructured":
+        ms = MaskStructure("unstructured")
+    elif re.fullmatch(r"\d+:\d+", s):
+        n, m = (int(t) for t in s.split(":"))
+        if not 0 < n < m:
+            raise ValueError(f"mask_structure {mask_structure!r}: need 0 < N < M for N:M")
+        ms = MaskStructure("nm", n=n, m=m)
+    elif re.fullmatch(r"block:\d+", s):
+        c = int(s.split(":")[1])
+        if c < 1:
+            raise ValueError(f"mask_structure {mask_structure!r}: block size must be >= 1")
+        ms = MaskStructure("block", block=c) if c > 1 else MaskStructure("unstructured")
+    else:
+        raise ValueError(
+            f"unknown mask_structure {mask_structure!r}: use 'unstructured', 'N:M' (e.g. '2:4') or 'block:c'"
+        )
+    if cols is not None:
+        size = ms.m if ms.kind == "nm" else ms.block
+        if cols % size:
+            raise ValueError(f"mask_structure {mask_structure}: {cols} columns are not divisible by {size}")
+    return ms
+
+
+def columns_last_perm(cols: int, columns_last: Optional[int], device=None) -> Optional[torch.Tensor]:
+    """Permutation that reorders PyTorch's conv flattening (C, K) into (K, C).
+
+    ``columns_last`` is the number K of kernel taps (kh*kw) when the columns are a conv weight's
+    ``flatten(1)``; after the permutation, consecutive columns are input channels at one tap, so N:M
+    groups and blocks run across channels (the OBC reference's ``columnslast``). None: no reordering.
+    """
+    if columns_last is None or columns_last == 1:
+        return None
+    if not isinstance(columns_last, int) or columns_last < 1 or cols % columns_last:
+        raise ValueError(f"columns_last={columns_last!r} must be a positive integer dividing cols={cols}")
+    C = cols // columns_last
+    return torch.arange(cols, device=device).reshape(C, columns_last).t().reshape(-1)
+
+
+@dataclass
+class PreparedLayer:
+    W: torch.Tensor  # float64 copy of W with dead columns zeroed
+    H: torch.Tensor  # float64, dead diagonal set to 1, dampened
+    Hinv: torch.Tensor  # float64 inverse of H
+    L: torch.Tensor  # lower Cholesky factor of H
+    damp: float  # relative dampening actually applied
+    dead: torch.Tensor  # bool (cols,)
+
+
+def _resolve_levels(damp) -> tuple:
+    if damp is None or (isinstance(damp, str) and damp == "auto"):
+        return AUTO_DAMP_LEVELS, True
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not math.isfinite(damp) or damp < 0:
+        raise ValueError(f"damp must be a non-negative number or 'auto', got {damp!r}")
+    return (float(damp),), False
+
+
+def prepare_layer(W: torch.Tensor, H: torch.Tensor, damp="auto") -> PreparedLayer:
+    """Check W and H, handle dead inputs, dampen relative to mean(diag H), factor and invert in float64.
+
+    Dead inputs (zero diagonal: the input is always zero) get H_dd = 1 and their weights set to 0,
+    which changes nothing in the layer's output. With ``damp="auto"`` the smallest level of
+    ``AUTO_DAMP_LEVELS`` whose Cholesky factor exists and is not too ill-conditioned is used.
+    """
+    check_weight(W)
+    check_hessian(H, W.shape[1])
+    W64 = W.detach().to(torch.float64).clone()
+    H64 = H.detach().to(device=W.device, dtype=torch.float64).clone()
+    H64 = 0.5 * (H64 + H64.t())
+    dead = torch.diagonal(H64) == 0
+    if dead.all():
+        raise ValueError("H is all zero: every input of this layer was zero on the calibration data")
+    idx = torch.nonzero(dead).flatten()
+    H64[idx, :] = 0
+    H64[:, idx] = 0
+    H64[idx, idx] = 1
+    W64[:, dead] = 0
+    mean_diag = float(torch.diagonal(H64)[~dead].mean())
+    levels, auto = _resolve_levels(damp)
+    eye = torch.eye(H64.shape[0], dtype=torch.float64, device=H64.device)
+    for lam in levels:
+        Hd = H64 + (lam * mean_diag) * eye if lam > 0 else H64
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) != 0:
+            continue
+        piv = torch.diagonal(L)
+        if auto and float((piv.max() / piv.min()) ** 2) > AUTO_MAX_PIVOT_RATIO2:
+            continue
+        Hinv = torch.cholesky_inverse(L)
+        return PreparedLayer(W=W64, H=Hd, Hinv=Hinv, L=L, damp=lam, dead=dead)
+    tried = ", ".join(f"{x:g}" for x in levels)
+    raise ValueError(
+        f"H is not positive definite even after relative dampening (tried {tried} x mean diag H); "
+        "use more calibration samples or a larger damp"
+    )
