@@ -50,6 +50,8 @@ def layer_loss(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
     """The layer objective 1/2 tr((W - W_hat) H (W - W_hat)^T), accumulated in float64."""
     if W.shape != W_hat.shape:
         raise ValueError(f"layer_loss: W has shape {tuple(W.shape)} but W_hat has {tuple(W_hat.shape)}")
+    if H.dim() != 2 or H.shape[0] != H.shape[1] or H.shape[0] != W.shape[1]:
+        raise ValueError(f"layer_loss: H has shape {tuple(H.shape)}, W has {W.shape[1]} columns")
     D = (W.to(torch.float64) - W_hat.to(torch.float64))
     H = H.to(device=D.device, dtype=torch.float64)
     return 0.5 * float(((D @ H) * D).sum())
@@ -207,11 +209,12 @@ def prepare_layer(W: torch.Tensor, H: torch.Tensor, damp="auto") -> PreparedLaye
     if dead.all():
         raise ValueError("H is all zero: every input of this layer was zero on the calibration data")
     idx = torch.nonzero(dead).flatten()
+    mean_diag = float(torch.diagonal(H64)[~dead].mean())
     H64[idx, :] = 0
     H64[:, idx] = 0
-    H64[idx, idx] = 1
+    # Any positive value decouples a dead input; the live mean keeps the pivot spread unchanged.
+    H64[idx, idx] = mean_diag
     W64[:, dead] = 0
-    mean_diag = float(torch.diagonal(H64)[~dead].mean())
     levels, auto = _resolve_levels(damp)
     eye = torch.eye(H64.shape[0], dtype=torch.float64, device=H64.device)
     for lam in levels:

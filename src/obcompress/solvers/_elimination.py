@@ -1,0 +1,420 @@
+"""The exact greedy OBS elimination engine shared by ExactOBS pruning and OBQ quantization.
+
+Every row r of W carries its own inverse Hessian over the coordinates it has not eliminated yet.
+Eliminating coordinate p of a row moves the row to the least-squares optimum under the new
+constraint (w_p fixed at a target t: 0 when pruning, q(w_p) when quantizing):
+
+    loss += 1/2 (w_p - t)^2 / Hinv_pp,   w -= (w_p - t) / Hinv_pp * Hinv[:, p],
+    Hinv -= u u^T with u = Hinv[:, p] / sqrt(Hinv_pp).
+
+The reference implementation applies that rank-1 update to a (rows, cols, cols) stack at every
+step, which is memory-bound. Here the updates are *delayed*: the stored matrix A lags behind by
+at most ``B`` pending vectors U, so the current column p is A[:, p] - U U[p]^T (a small GEMV), the
+diagonal and the weights are kept current in O(cols) per step, and every B steps A absorbs the
+pending vectors in one rank-B GEMM (compute-bound). After each such flush the eliminated
+coordinates are dropped (compaction), so the work per row is ~cols^3/3 multiply-adds instead of
+cols^3. Rows are batched in chunks and every operation inside a step is vectorised over rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ._common import MaskStructure
+
+# Pending vectors per flush: large enough for the rank-B update to run at GEMM speed, small
+# enough that the per-step GEMV against the pending block stays cheap.
+FLUSH_EVERY = 32
+# Bytes of stored inverse Hessians kept per chunk of rows (twice this is allocated).
+CHUNK_BYTES = 256 * 2**20
+# Compact (drop eliminated coordinates) once the live ones are at most this fraction: a compaction
+# costs about two copies of the stored matrices, a flush on dead coordinates wastes GEMM work.
+COMPACT_BELOW = 0.8
+
+
+@dataclass
+class Trajectory:
+    """Per-row greedy elimination record.
+
+    ``order[r, s]`` is the original column (or block index, for blocks) eliminated at step s of
+    row r, -1 after the row ran out of coordinates; ``losses[r, s]`` the loss that step added;
+    ``values`` (quantization only) the frozen value of every coordinate.
+    """
+
+    order: torch.Tensor  # (rows, steps) int64
+    losses: torch.Tensor  # (rows, steps) float64
+    values: Optional[torch.Tensor] = None  # (rows, cols)
+
+
+def _rows_per_chunk(m: int, itemsize: int, rows: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    return max(1, min(rows, chunk_bytes // max(1, m * m * itemsize)))
+
+
+def gather_square(M: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """M[idx_r][:, idx_r] for every row r of ``idx`` (R, s); M is (d, d) shared or (R, d, d) per row.
+
+    Two gathers with expanded (not materialised) indices: advanced indexing with three broadcast
+    index tensors builds R*s*s int64 offsets and was the slowest part of the solver.
+    """
+    R, s = idx.shape
+    rows = M[idx] if M.dim() == 2 else torch.gather(M, 1, idx.unsqueeze(2).expand(R, s, M.shape[2]))
+    return torch.gather(rows, 2, idx.unsqueeze(1).expand(R, s, s))
+
+
+def support_inverses(H: torch.Tensor, keep: torch.Tensor):
+    """Per-row inverse of H restricted to each row's support, padded to the largest support.
+
+    Returns (Ainv (R, s, s), idx (R, s), valid (R, s)); padding entries are identity rows/cols
+    with index 0 and valid False. Raises ValueError if some H_SS is not positive definite.
+    """
+    R, d = keep.shape
+    counts = keep.sum(1)
+    s = int(counts.max())
+    # Stable sort puts each row's kept columns first, in column order.
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :s]
+    valid = torch.arange(s, device=keep.device)[None, :] < counts[:, None]
+    idx = torch.where(valid, order, torch.zeros_like(order))
+    HS = gather_square(H, idx)
+    vv = valid[:, :, None] & valid[:, None, :]
+    eye = torch.eye(s, dtype=H.dtype, device=H.device).expand(R, s, s)
+    HS = torch.where(vv, HS, eye)
+    L, info = torch.linalg.cholesky_ex(HS)
+    if (info != 0).any():
+        raise ValueError("H restricted to a row's kept weights is not positive definite; use a larger damp")
+    return torch.cholesky_inverse(L), idx, valid
+
+
+def refit_on_support(W: torch.Tensor, H: torch.Tensor, Hinv: torch.Tensor, keep: torch.Tensor,
+                     chunk_rows: int = 256) -> torch.Tensor:
+    """Least-squares optimum of every row with its pruned weights (keep False) fixed at zero.
+
+    min_w (w - w0) H (w - w0)^T s.t. w_P = 0 has the two equivalent closed forms
+        w = w0 - Hinv[:, P] (Hinv_PP)^-1 w0_P      and      w_S = w0_S + (H_SS)^-1 H_SP w0_P;
+    each row uses the one with the smaller system. Rows are sorted by that size and solved in
+    padded batches. Everything in float64.
+    """
+    R, d = W.shape
+    out = W.clone()
+    pruned = ~keep
+    npruned = pruned.sum(1)
+    use_p = npruned <= (d - npruned)
+    size = torch.where(use_p, npruned, d - npruned)
+    rows_sorted = torch.argsort(size, stable=True)
+    for start in range(0, R, chunk_rows):
+        rows = rows_sorted[start:start + chunk_rows]
+        for form in (True, False):
+            sel = rows[use_p[rows] == form]
+            if sel.numel() == 0:
+                continue
+            w0 = W[sel]
+            if form:
+                P = pruned[sel]
+                if not P.any():
+                    continue
+                cnt = P.sum(1)
+                s = int(cnt.max())
+                idx = torch.sort((~P).to(torch.int8), dim=1, stable=True).indices[:, :s]
+                valid = torch.arange(s, device=W.device)[None, :] < cnt[:, None]
+                idx = torch.where(valid, idx, torch.zeros_like(idx))
+                M = gather_square(Hinv, idx)
+                vv = valid[:, :, None] & valid[:, None, :]
+                M = torch.where(vv, M, torch.eye(s, dtype=W.dtype, device=W.device).expand_as(M))
+                rhs = torch.where(valid, torch.gather(w0, 1, idx), torch.zeros((), dtype=W.dtype))
+                L, info = torch.linalg.cholesky_ex(M)
+                if (info != 0).any():
+                    raise ValueError("H^-1 restricted to the pruned weights is not positive definite; use a larger damp")
+                z = torch.cholesky_solve(rhs.unsqueeze(2), L).squeeze(2)
+                z = torch.where(valid, z, torch.zeros((), dtype=W.dtype))
+                rowsH = Hinv[idx]  # (n, s, d): rows of Hinv = columns, by symmetry
+                w = w0 - torch.bmm(z.unsqueeze(1), rowsH).squeeze(1)
+            else:
+                keep_s = keep[sel]
+                Ainv, idx, valid = support_inverses(H, keep_s)
+                g = (w0 * (~keep_s)) @ H  # (H_SP w0_P) for every column
+                rhs = torch.where(valid, torch.gather(g, 1, idx), torch.zeros((), dtype=W.dtype))
+                z = torch.bmm(Ainv, rhs.unsqueeze(2)).squeeze(2)
+                # Padding slots point at column 0 with z = 0: adding (not writing) keeps column 0 right.
+                z = torch.where(valid, z, torch.zeros((), dtype=W.dtype))
+                w = w0.clone().scatter_add_(1, idx, z)
+            w[~keep[sel]] = 0
+            out[sel] = w
+    return out
+
+
+class _Chunk:
+    """State of one batch of rows during elimination (all tensors compacted to m coordinates)."""
+
+    def __init__(self, A, w, idx, alive, extras, slots=FLUSH_EVERY):
+        # A lives in the first of two flat buffers allocated once: compaction copies between them
+        # instead of allocating, since fresh multi-MB tensors are page-faulted in at every step.
+        R, m, _ = A.shape
+        self._buf = A.new_empty(R * m * m)
+        self._tmp = A.new_empty(R * m * m)
+        self._buf.copy_(A.reshape(-1))
+        A = self._buf.view(R, m, m)
+        self.A = A  # (R, m, m) stored inverse Hessian, lagging by the pending vectors
+        self.w = w  # (R, m) current weights
+        self.idx = idx  # (R, m) original column of each compact coordinate
+        self.alive = alive  # (R, m) not yet eliminated (and not padding)
+        self.extras = extras  # name -> (R, m) per-coordinate data that follows compaction
+        R, m, _ = A.shape
+        self.slots = slots
+        self.U = torch.zeros(R, slots, m, dtype=A.dtype, device=A.device)
+        self.k = 0
+        self.diag = torch.diagonal(A, dim1=1, dim2=2).clone()
+        self.ar = torch.arange(R, device=A.device)
+
+    @property
+    def m(self):
+        return self.A.shape[1]
+
+    def column(self, p):
+        """Current H^-1 column p of every row: stored row p (symmetry) minus the pending part."""
+        col = self.A[self.ar, p]
+        if self.k:
+            coef = self.U[self.ar, : self.k, p]  # (R, k)
+            col = col - torch.bmm(coef.unsqueeze(1), self.U[:, : self.k]).squeeze(1)
+        return col
+
+    def push(self, u):
+        self.U[:, self.k] = u
+        self.diag -= u * u
+        self.k += 1
+
+    def flush(self, compact: bool = True):
+        if self.k:
+            Uk = self.U[:, : self.k]
+            self.A.baddbmm_(Uk.transpose(1, 2), Uk, alpha=-1.0)
+            self.k = 0
+        if not compact:
+            return
+        R, m = self.alive.shape
+        m_new = int(self.alive.sum(1).max())
+        if m_new == 0 or m_new > COMPACT_BELOW * m:
+            return
+        # Stable sort keeps alive coordinates in their column order (blocks stay contiguous).
+        sel = torch.sort((~self.alive).to(torch.int8), dim=1, stable=True).indices[:, :m_new]
+        # Rows by index_select (row copies), then the same for columns through one transposed copy:
+        # by symmetry the result is A[sel][:, sel]. Much faster than an element-wise gather.
+        ridx = (self.ar * m).unsqueeze(1).add(sel).flatten()
+        rows = self._tmp[: R * m_new * m].view(R * m_new, m)
+        torch.index_select(self.A.view(R * m, m), 0, ridx, out=rows)
+        cols = self._buf[: R * m * m_new].view(R, m, m_new)
+        cols.copy_(rows.view(R, m_new, m).transpose(1, 2))
+        out = self._tmp[: R * m_new * m_new].view(R * m_new, m_new)
+        torch.index_select(cols.view(R * m, m_new), 0, ridx, out=out)
+        self._buf, self._tmp = self._tmp, self._buf
+        self.A = out.view(R, m_new, m_new)
+        self.w = torch.gather(self.w, 1, sel)
+        self.idx = torch.gather(self.idx, 1, sel)
+        self.alive = torch.gather(self.alive, 1, sel)
+        self.diag = torch.gather(self.diag, 1, sel)
+        for name, t in self.extras.items():
+            self.extras[name] = torch.gather(t, 1, sel)
+        self.U = torch.zeros(R, self.slots, m_new, dtype=self.A.dtype, device=self.A.device)
+
+
+def _start_chunk(W64, H64, Hinv64, rows, keep, dtype, extras, slots=FLUSH_EVERY):
+    """Initial state for ``rows``: the full H^-1, or per-row (H_SS)^-1 where a support is given."""
+    w0 = W64[rows]
+    R, d = w0.shape
+    if keep is None or bool(keep[rows].all()):
+        A = Hinv64.to(dtype).expand(R, d, d)
+        idx = torch.arange(d, device=W64.device).expand(R, d).clone()
+        alive = torch.ones(R, d, dtype=torch.bool, device=W64.device)
+        w = w0.to(dtype)
+    else:
+        A64, idx, alive = support_inverses(H64, keep[rows])
+        A = A64.to(dtype)
+        w = torch.gather(w0, 1, idx).to(dtype)
+        w = torch.where(alive, w, torch.zeros((), dtype=dtype))
+    ex = {name: torch.gather(t[rows], 1, idx) for name, t in extras.items()}
+    return _Chunk(A, w, idx, alive, ex, slots)
+
+
+def greedy_single(W64, H64, Hinv64, policy, *, keep=None, dtype=torch.float32, extras=None,
+                  max_steps=None, record_values=False):
+    """Run the greedy one-coordinate-at-a-time elimination on every row.
+
+    ``policy`` provides ``scores(chunk) -> (scores (R, m), targets (R, m))`` with +inf for coordinates
+    that may not be chosen, an optional ``choose(chunk, scores, targets) -> p`` override (the OBQ
+    outlier rule) and ``eliminated(chunk, p)`` for bookkeeping. ``keep`` (R, d) restricts each row
+    to a support (other weights are already zero and stay zero). Returns a Trajectory.
+    """
+    R, d = W64.shape
+    extras = extras or {}
+    steps_total = d if max_steps is None else max_steps
+    order = torch.full((R, steps_total), -1, dtype=torch.int64, device=W64.device)
+    losses = torch.zeros(R, steps_total, dtype=torch.float64, device=W64.device)
+    values = torch.zeros(R, d, dtype=torch.float64, device=W64.device) if record_values else None
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    if keep is not None:
+        # Similar support sizes in one chunk keep the padding small.
+        row_order = torch.argsort(keep.sum(1), stable=True)
+    else:
+        row_order = torch.arange(R, device=W64.device)
+    per = _rows_per_chunk(d, itemsize, R)
+    for start in range(0, R, per):
+        rows = row_order[start:start + per]
+        if keep is not None and not bool(keep[rows].any()):
+            continue
+        ch = _start_chunk(W64, H64, Hinv64, rows, keep, dtype, extras)
+        n_alive = int(ch.alive.sum(1).max())
+        n_steps = min(n_alive, steps_total)
+        policy.begin(ch)
+        inf = torch.tensor(float("inf"), dtype=dtype)
+        for step in range(n_steps):
+            scores, targets = policy.scores(ch)
+            scores = torch.where(ch.alive, scores, inf)
+            p = policy.choose(ch, scores, targets)
+            active = torch.isfinite(scores[ch.ar, p])
+            col = ch.column(p)
+            dp = col[ch.ar, p]
+            dp = torch.where(active & (dp > 0), dp, torch.ones((), dtype=dtype))
+            wp = ch.w[ch.ar, p]
+            t = targets[ch.ar, p]
+            delta = torch.where(active, wp - t, torch.zeros((), dtype=dtype))
+            ch.w -= (delta / dp).unsqueeze(1) * col
+            ch.w[ch.ar, p] = torch.where(active, t, wp)
+            u = col * (torch.where(active, dp.rsqrt(), torch.zeros((), dtype=dtype))).unsqueeze(1)
+            ch.push(u)
+            ch.alive[ch.ar, p] = ch.alive[ch.ar, p] & ~active
+            policy.eliminated(ch, p, active)
+            orig = ch.idx[ch.ar, p]
+            order[rows, step] = torch.where(active, orig, torch.full_like(orig, -1))
+            losses[rows, step] = torch.where(active, 0.5 * delta.double() ** 2 / dp.double(),
+                                             torch.zeros((), dtype=torch.float64))
+            if record_values:
+                cur = values[rows, orig]
+                values[rows, orig] = torch.where(active, t.double(), cur)
+            if ch.k == FLUSH_EVERY:
+                ch.flush()
+    return Trajectory(order=order, losses=losses, values=values)
+
+
+class PrunePolicy:
+    """ExactOBS pruning: the cheapest weight w_p^2 / Hinv_pp, optionally within N:M groups."""
+
+    def __init__(self, structure: MaskStructure):
+        self.structure = structure
+
+    def begin(self, ch):
+        if self.structure.kind == "nm":
+            R = ch.w.shape[0]
+            d = int(ch.idx.max()) + 1
+            self.counts = torch.zeros(R, (d + self.structure.m - 1) // self.structure.m,
+                                      dtype=torch.int64, device=ch.w.device)
+            self.zeros = torch.zeros_like(ch.w)
+
+    def scores(self, ch):
+        s = ch.w * ch.w / ch.diag.clamp_min(torch.finfo(ch.w.dtype).tiny)
+        if self.structure.kind == "nm":
+            gid = ch.idx // self.structure.m
+            full = torch.gather(self.counts, 1, gid) >= self.structure.pruned_per_group
+            s = torch.where(full, torch.full_like(s, float("inf")), s)
+        return s, self.zeros if self.structure.kind == "nm" else torch.zeros_like(ch.w)
+
+    def choose(self, ch, scores, targets):
+        return torch.argmin(scores, dim=1)
+
+    def eliminated(self, ch, p, active):
+        if self.structure.kind == "nm":
+            g = ch.idx[ch.ar, p] // self.structure.m
+            self.counts[ch.ar, g] += active.to(torch.int64)
+
+
+class QuantPolicy:
+    """OBQ: the weight whose rounding costs least, (w_p - q(w_p))^2 / Hinv_pp.
+
+    Outlier rule of the paper: a weight pushed outside the grid's range (rounding error above half
+    a step) is quantized first, the worst one first, before the updates push it further.
+    """
+
+    def __init__(self, maxq: int):
+        self.maxq = maxq
+
+    def begin(self, ch):
+        pass
+
+    def scores(self, ch):
+        s, z = ch.extras["scale"], ch.extras["zero"]
+        q = s * (torch.clamp(torch.round(ch.w / s) + z, 0, self.maxq) - z)
+        err = (ch.w - q) ** 2
+        self._err = err
+        return err / ch.diag.clamp_min(torch.finfo(ch.w.dtype).tiny), q
+
+    def choose(self, ch, scores, targets):
+        p = torch.argmin(scores, dim=1)
+        s = ch.extras["scale"]
+        err = torch.where(ch.alive, self._err, torch.zeros_like(self._err))
+        out = err > 0.25 * s * s
+        has = out.any(1)
+        if bool(has.any()):
+            p = torch.where(has, torch.argmax(err, dim=1), p)
+        return p
+
+    def eliminated(self, ch, p, active):
+        pass
+
+
+def block_trajectory(W64, Hinv64, block: int, dtype=torch.float32) -> Trajectory:
+    """Greedy elimination of whole blocks of ``block`` consecutive columns (ExactOBS block pruning).
+
+    Block b costs 1/2 w_b (Hinv_bb)^-1 w_b^T; eliminating it is the block version of the OBS step,
+    i.e. ``block`` pending vectors V = L^-1 Hinv[b, :] with L L^T = Hinv_bb.
+    """
+    R, d = W64.shape
+    c = block
+    nb = d // c
+    order = torch.full((R, nb), -1, dtype=torch.int64, device=W64.device)
+    losses = torch.zeros(R, nb, dtype=torch.float64, device=W64.device)
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    per = _rows_per_chunk(d, itemsize, R)
+    for start in range(0, R, per):
+        rows = torch.arange(start, min(R, start + per), device=W64.device)
+        ch = _start_chunk(W64, None, Hinv64, rows, None, dtype, {}, slots=max(FLUSH_EVERY, c))
+        n = rows.numel()
+        ar = ch.ar
+        dblk = _diag_blocks(ch.A, c)
+        for step in range(nb):
+            m = ch.m
+            nbc = m // c
+            blk_alive = ch.alive.view(n, nbc, c)[:, :, 0]
+            wb = ch.w.view(n, nbc, c)
+            Lb, _ = torch.linalg.cholesky_ex(dblk)
+            y = torch.linalg.solve_triangular(Lb, wb.unsqueeze(3), upper=False).squeeze(3)
+            score = (y * y).sum(2)
+            score = torch.where(blk_alive, score, torch.full_like(score, float("inf")))
+            b = torch.argmin(score, dim=1)
+            cols = b.unsqueeze(1) * c + torch.arange(c, device=W64.device)  # (n, c) compact columns
+            colsH = ch.A[ar[:, None], cols]  # (n, c, m)
+            if ch.k:
+                coef = ch.U[ar[:, None], : ch.k, cols]  # (n, c, k)
+                colsH = colsH - torch.bmm(coef, ch.U[:, : ch.k])
+            D = colsH[ar[:, None, None], torch.arange(c)[None, :, None], cols[:, None, :]]  # (n, c, c)
+            L, _ = torch.linalg.cholesky_ex(D)
+            V = torch.linalg.solve_triangular(L, colsH, upper=False)  # (n, c, m)
+            yb = torch.linalg.solve_triangular(L, ch.w[ar[:, None], cols].unsqueeze(2), upper=False)
+            ch.w -= torch.bmm(yb.transpose(1, 2), V).squeeze(1)
+            ch.w[ar[:, None], cols] = 0
+            losses[rows, step] = 0.5 * (yb.double() ** 2).sum((1, 2))
+            order[rows, step] = ch.idx[ar, b * c] // c
+            ch.alive[ar[:, None], cols] = False
+            for j in range(c):
+                ch.push(V[:, j])
+            Vb = V.view(n, c, nbc, c)
+            dblk = dblk - torch.einsum("nvbi,nvbj->nbij", Vb, Vb)
+            if ch.k + c > ch.slots:
+                ch.flush()
+                dblk = _diag_blocks(ch.A, c)
+    return Trajectory(order=order, losses=losses)
+
+
+def _diag_blocks(A, c):
+    n, m, _ = A.shape
+    nb = m // c
+    return torch.diagonal(A.view(n, nb, c, nb, c), dim1=1, dim2=3).permute(0, 3, 1, 2).contiguous()

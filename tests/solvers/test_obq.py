@@ -1,0 +1,119 @@
+import pytest
+import torch
+
+from obcompress.solvers._common import layer_loss
+from obcompress.solvers._elimination import refit_on_support
+from obcompress.solvers.grid import QuantGrid
+from obcompress.solvers.obq import obq_quantize
+from obcompress.solvers.obs import exact_obs_prune
+from reference_obs import correlated_problem, obs_row, quant_chooser
+
+COLS = 72
+
+
+def _reference(W, H, grid, keep=None):
+    """Row-by-row plain OBQ; with a support, the row is first re-fitted and its zeros frozen."""
+    rows, cols = W.shape
+    scale, zero = grid.expand(rows, cols)
+    Hinv = torch.linalg.inv(H)
+    out, orders = torch.zeros(rows, cols, dtype=torch.float64), []
+    for r in range(rows):
+        choose, target, _ = quant_chooser(scale[r].double(), zero[r].double(), grid.maxq)
+        w, Hr = W[r].double(), Hinv
+        if keep is not None:
+            S = torch.nonzero(keep[r]).flatten()
+            w = refit_on_support(W[r : r + 1].double(), H, Hinv, keep[r : r + 1])[0][S]
+            Hr = torch.linalg.inv(H[S][:, S])
+            sub_choose, sub_target, _ = quant_chooser(scale[r, S].double(), zero[r, S].double(), grid.maxq)
+            order, _, wq = obs_row(w, Hr, len(S), choose=sub_choose, target=sub_target)
+            out[r, S] = wq
+            orders.append([int(S[p]) for p in order])
+        else:
+            order, _, wq = obs_row(w, Hr, cols, choose=choose, target=target)
+            out[r] = wq
+            orders.append(order)
+    return out, orders
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, True), (3, False), (2, True)])
+def test_matches_plain_reference(bits, symmetric):
+    W, H = correlated_problem(4, COLS, seed=21)
+    grid = QuantGrid.fit(W, bits, symmetric=symmetric)
+    r = obq_quantize(W, H, grid, damp=0, dtype=torch.float64)
+    ref, _ = _reference(W, H, grid)
+    torch.testing.assert_close(r.weight, ref.to(W.dtype), rtol=1e-6, atol=1e-6)
+    assert r.loss == pytest.approx(layer_loss(W, r.weight, H), rel=1e-6)
+    assert r.info["predicted_loss"] == pytest.approx(r.loss, rel=1e-4)
+
+
+def test_outlier_rule_quantizes_out_of_range_weights_first():
+    # A grid fitted on a shrunk row leaves the largest weights outside its range.
+    W, H = correlated_problem(3, 40, seed=22)
+    grid = QuantGrid.fit(0.5 * W, 4)
+    r = obq_quantize(W, H, grid, damp=0, dtype=torch.float64)
+    ref, orders = _reference(W, H, grid)
+    torch.testing.assert_close(r.weight, ref, rtol=1e-6, atol=1e-6)
+    scale = grid.scale[:, 0]
+    for row, order in enumerate(orders):
+        out = (W[row] - grid.quantize(W)[row]).abs() > scale[row] / 2
+        assert out.any() and out[order[0]]
+
+
+def test_joint_obc_matches_reference_and_keeps_zeros():
+    W, H = correlated_problem(4, COLS, seed=23)
+    pruned = exact_obs_prune(W, H, 0.5, damp=0, dtype=torch.float64)
+    grid = QuantGrid.fit(W, 4)
+    r = obq_quantize(W, H, grid, mask=pruned.mask, damp=0, dtype=torch.float64)
+    ref, _ = _reference(W, H, grid, keep=pruned.mask)
+    torch.testing.assert_close(r.weight, ref, rtol=1e-6, atol=1e-6)
+    assert (r.weight[~pruned.mask] == 0).all()
+    assert torch.equal(r.mask, pruned.mask)
+    assert r.loss >= pruned.loss  # quantizing on top of pruning cannot help
+    assert r.info["predicted_loss"] == pytest.approx(r.loss, rel=1e-4)
+
+
+@pytest.mark.parametrize("strategy,group_size", [("channel", None), ("group", 16), ("tensor", None)])
+def test_values_lie_on_the_grid(strategy, group_size):
+    W, H = correlated_problem(5, 64, seed=24, dtype=torch.float32)
+    grid = QuantGrid.fit(W, 3, strategy=strategy, group_size=group_size)
+    r = obq_quantize(W, H, grid)
+    assert torch.equal(grid.quantize(r.weight), r.weight)
+    gs = group_size or 64
+    for row in range(5):
+        for g in range(64 // gs):
+            assert torch.unique(r.weight[row, g * gs : (g + 1) * gs]).numel() <= 2**3
+    assert r.loss == pytest.approx(layer_loss(W, r.weight, H), rel=1e-5)
+
+
+def test_beats_round_to_nearest():
+    W, H = correlated_problem(6, COLS, seed=25, dtype=torch.float32)
+    grid = QuantGrid.fit(W, 4)
+    r = obq_quantize(W, H, grid)
+    assert r.loss < 0.5 * layer_loss(W, grid.quantize(W), H)
+
+
+def test_unstructured_joint_rows_of_different_support():
+    # Rows keep different numbers of weights: the padded batch must treat each row exactly.
+    W, H = correlated_problem(6, 48, seed=26)
+    g = torch.Generator().manual_seed(0)
+    keep = torch.rand(6, 48, generator=g) > torch.linspace(0.1, 0.8, 6)[:, None]
+    keep[0] = True
+    grid = QuantGrid.fit(W, 4)
+    r = obq_quantize(W, H, grid, mask=keep, damp=0, dtype=torch.float64)
+    ref, _ = _reference(W, H, grid, keep=keep)
+    torch.testing.assert_close(r.weight, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_bad_inputs():
+    W, H = correlated_problem(3, 16, seed=27)
+    grid = QuantGrid.fit(W, 4)
+    with pytest.raises(ValueError, match="QuantGrid"):
+        obq_quantize(W, H, grid=4)
+    with pytest.raises(ValueError, match="grid"):
+        obq_quantize(W, H, QuantGrid.fit(W[:2], 4))
+    with pytest.raises(ValueError, match="mask"):
+        obq_quantize(W, H, grid, mask=torch.ones(3, 15, dtype=torch.bool))
+    with pytest.raises(ValueError, match="bits"):
+        QuantGrid.fit(W, 9)
+    with pytest.raises(ValueError, match="non-finite"):
+        obq_quantize(W, H * float("inf"), grid)
