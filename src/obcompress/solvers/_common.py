@@ -179,7 +179,7 @@ def columns_last_perm(cols: int, columns_last: Optional[int], device=None) -> Op
 class PreparedLayer:
     W: torch.Tensor  # float64 copy of W with dead columns zeroed
     H: torch.Tensor  # float64, dead diagonal set to 1, dampened
-    Hinv: torch.Tensor  # float64 inverse of H
+    Hinv: Optional[torch.Tensor]  # float64 inverse of H (None when not asked for)
     L: torch.Tensor  # lower Cholesky factor of H
     damp: float  # relative dampening actually applied
     dead: torch.Tensor  # bool (cols,)
@@ -193,12 +193,13 @@ def _resolve_levels(damp) -> tuple:
     return (float(damp),), False
 
 
-def prepare_layer(W: torch.Tensor, H: torch.Tensor, damp="auto") -> PreparedLayer:
-    """Check W and H, handle dead inputs, dampen relative to mean(diag H), factor and invert in float64.
+def prepare_layer(W: torch.Tensor, H: torch.Tensor, damp="auto", inverse: bool = True) -> PreparedLayer:
+    """Check W and H, handle dead inputs, dampen relative to mean(diag H), factor (and invert) in float64.
 
-    Dead inputs (zero diagonal: the input is always zero) get H_dd = 1 and their weights set to 0,
-    which changes nothing in the layer's output. With ``damp="auto"`` the smallest level of
+    Dead inputs (zero diagonal: the input is always zero) are decoupled in H and their weights set
+    to 0, which changes nothing in the layer's output. With ``damp="auto"`` the smallest level of
     ``AUTO_DAMP_LEVELS`` whose Cholesky factor exists and is not too ill-conditioned is used.
+    ``inverse=False`` skips forming H^-1 (``Hinv`` is None) for solvers that only need the factor.
     """
     check_weight(W)
     check_hessian(H, W.shape[1])
@@ -212,20 +213,23 @@ def prepare_layer(W: torch.Tensor, H: torch.Tensor, damp="auto") -> PreparedLaye
     mean_diag = float(torch.diagonal(H64)[~dead].mean())
     H64[idx, :] = 0
     H64[:, idx] = 0
-    # Any positive value decouples a dead input; the live mean keeps the pivot spread unchanged.
+    # Any positive value decouples a dead input; the live mean keeps the pivot spread unchanged
+    # (a fixed 1 would make the auto-dampening check depend on the scale of the activations).
     H64[idx, idx] = mean_diag
     W64[:, dead] = 0
     levels, auto = _resolve_levels(damp)
-    eye = torch.eye(H64.shape[0], dtype=torch.float64, device=H64.device)
     for lam in levels:
-        Hd = H64 + (lam * mean_diag) * eye if lam > 0 else H64
+        Hd = H64
+        if lam > 0:
+            Hd = H64.clone()
+            Hd.diagonal().add_(lam * mean_diag)
         L, info = torch.linalg.cholesky_ex(Hd)
         if int(info) != 0:
             continue
         piv = torch.diagonal(L)
         if auto and float((piv.max() / piv.min()) ** 2) > AUTO_MAX_PIVOT_RATIO2:
             continue
-        Hinv = torch.cholesky_inverse(L)
+        Hinv = torch.cholesky_inverse(L) if inverse else None
         return PreparedLayer(W=W64, H=Hd, Hinv=Hinv, L=L, damp=lam, dead=dead)
     tried = ", ".join(f"{x:g}" for x in levels)
     raise ValueError(

@@ -50,8 +50,18 @@ class Trajectory:
     values: Optional[torch.Tensor] = None  # (rows, cols)
 
 
-def _rows_per_chunk(m: int, itemsize: int, rows: int, chunk_bytes: int = CHUNK_BYTES) -> int:
-    return max(1, min(rows, chunk_bytes // max(1, m * m * itemsize)))
+# Weights per chunk (rows x cols): the per-step vectors of a chunk (w, diag, scores, the pending
+# block) should stay in cache while the stored matrices stream through the GEMMs.
+CHUNK_ELEMS = 64 * 1024
+
+
+def _rows_per_chunk(m: int, itemsize: int, rows: int) -> int:
+    by_cache = CHUNK_ELEMS // max(1, m)
+    by_memory = CHUNK_BYTES // max(1, m * m * itemsize)
+    per = max(1, min(rows, by_cache, by_memory))
+    # Equal chunks: the last one is not left with a few rows that cost a full pass of steps.
+    n_chunks = -(-rows // per)
+    return -(-rows // n_chunks)
 
 
 def gather_square(M: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -149,23 +159,24 @@ class _Chunk:
     """State of one batch of rows during elimination (all tensors compacted to m coordinates)."""
 
     def __init__(self, A, w, idx, alive, extras, slots=FLUSH_EVERY):
+        R, m, _ = A.shape
         # A lives in the first of two flat buffers allocated once: compaction copies between them
         # instead of allocating, since fresh multi-MB tensors are page-faulted in at every step.
-        R, m, _ = A.shape
         self._buf = A.new_empty(R * m * m)
         self._tmp = A.new_empty(R * m * m)
         self._buf.copy_(A.reshape(-1))
-        A = self._buf.view(R, m, m)
-        self.A = A  # (R, m, m) stored inverse Hessian, lagging by the pending vectors
+        self.A = self._buf.view(R, m, m)  # stored inverse Hessians, lagging by the pending vectors
         self.w = w  # (R, m) current weights
         self.idx = idx  # (R, m) original column of each compact coordinate
         self.alive = alive  # (R, m) not yet eliminated (and not padding)
         self.extras = extras  # name -> (R, m) per-coordinate data that follows compaction
-        R, m, _ = A.shape
+        # +inf where a coordinate may not be chosen; adding it to the scores masks them in one pass.
+        self.pen = torch.zeros_like(w).masked_fill_(~alive, float("inf"))
         self.slots = slots
         self.U = torch.zeros(R, slots, m, dtype=A.dtype, device=A.device)
         self.k = 0
-        self.diag = torch.diagonal(A, dim1=1, dim2=2).clone()
+        self.diag = torch.diagonal(self.A, dim1=1, dim2=2).clone()
+        self.diag.masked_fill_(~alive, 1.0)
         self.ar = torch.arange(R, device=A.device)
 
     @property
@@ -177,13 +188,22 @@ class _Chunk:
         col = self.A[self.ar, p]
         if self.k:
             coef = self.U[self.ar, : self.k, p]  # (R, k)
-            col = col - torch.bmm(coef.unsqueeze(1), self.U[:, : self.k]).squeeze(1)
+            col = torch.baddbmm(col.unsqueeze(1), coef.unsqueeze(1), self.U[:, : self.k], alpha=-1.0).squeeze(1)
         return col
 
-    def push(self, u):
-        self.U[:, self.k] = u
-        self.diag -= u * u
+    def eliminate(self, p, col, step_coef, inv_sqrt_d, target):
+        """The OBS step for coordinate p of every row: re-fit w, queue the rank-1 H^-1 update."""
+        ar = self.ar
+        self.w.addcmul_(col, step_coef.unsqueeze(1), value=-1.0)
+        self.w[ar, p] = target
+        u = self.U[:, self.k]
+        torch.mul(col, inv_sqrt_d.unsqueeze(1), out=u)
+        self.diag.addcmul_(u, u, value=-1.0)
         self.k += 1
+        # An eliminated coordinate keeps diag 1 so that its score stays finite (then masked by pen).
+        self.diag[ar, p] = 1.0
+        self.alive[ar, p] = False
+        self.pen[ar, p] = float("inf")
 
     def flush(self, compact: bool = True):
         if self.k:
@@ -209,10 +229,8 @@ class _Chunk:
         torch.index_select(cols.view(R * m, m_new), 0, ridx, out=out)
         self._buf, self._tmp = self._tmp, self._buf
         self.A = out.view(R, m_new, m_new)
-        self.w = torch.gather(self.w, 1, sel)
-        self.idx = torch.gather(self.idx, 1, sel)
-        self.alive = torch.gather(self.alive, 1, sel)
-        self.diag = torch.gather(self.diag, 1, sel)
+        for name in ("w", "idx", "alive", "diag", "pen"):
+            setattr(self, name, torch.gather(getattr(self, name), 1, sel))
         for name, t in self.extras.items():
             self.extras[name] = torch.gather(t, 1, sel)
         self.U = torch.zeros(R, self.slots, m_new, dtype=self.A.dtype, device=self.A.device)
@@ -240,10 +258,10 @@ def greedy_single(W64, H64, Hinv64, policy, *, keep=None, dtype=torch.float32, e
                   max_steps=None, record_values=False):
     """Run the greedy one-coordinate-at-a-time elimination on every row.
 
-    ``policy`` provides ``scores(chunk) -> (scores (R, m), targets (R, m))`` with +inf for coordinates
-    that may not be chosen, an optional ``choose(chunk, scores, targets) -> p`` override (the OBQ
-    outlier rule) and ``eliminated(chunk, p)`` for bookkeeping. ``keep`` (R, d) restricts each row
-    to a support (other weights are already zero and stay zero). Returns a Trajectory.
+    ``policy`` provides ``scores(chunk)`` (R, m) including ``chunk.pen``, ``choose(chunk, scores)``
+    -> p (R,), ``target(chunk, p)`` -> the value w_p is frozen at, and ``eliminated(chunk, p)``
+    for its own bookkeeping. ``keep`` (R, d) restricts each row to a support (the other weights
+    are zero and stay zero). Returns a Trajectory.
     """
     R, d = W64.shape
     extras = extras or {}
@@ -258,41 +276,57 @@ def greedy_single(W64, H64, Hinv64, policy, *, keep=None, dtype=torch.float32, e
     else:
         row_order = torch.arange(R, device=W64.device)
     per = _rows_per_chunk(d, itemsize, R)
+    tiny = torch.finfo(dtype).tiny
     for start in range(0, R, per):
         rows = row_order[start:start + per]
         if keep is not None and not bool(keep[rows].any()):
             continue
         ch = _start_chunk(W64, H64, Hinv64, rows, keep, dtype, extras)
-        n_alive = int(ch.alive.sum(1).max())
-        n_steps = min(n_alive, steps_total)
+        counts = ch.alive.sum(1)
+        n_steps = min(int(counts.max()), steps_total)
+        # Rows with fewer coordinates than steps idle once they run out (padded supports only).
+        uneven = bool((counts < n_steps).any())
+        n = rows.numel()
+        order_c = torch.full((n, n_steps), -1, dtype=torch.int64, device=W64.device)
+        loss_c = torch.zeros(n, n_steps, dtype=dtype, device=W64.device)
+        vals_c = torch.zeros(n, n_steps, dtype=dtype, device=W64.device) if record_values else None
+        ar = ch.ar
         policy.begin(ch)
-        inf = torch.tensor(float("inf"), dtype=dtype)
         for step in range(n_steps):
-            scores, targets = policy.scores(ch)
-            scores = torch.where(ch.alive, scores, inf)
-            p = policy.choose(ch, scores, targets)
-            active = torch.isfinite(scores[ch.ar, p])
+            scores = policy.scores(ch)
+            p = policy.choose(ch, scores)
+            t = policy.target(ch, p)
             col = ch.column(p)
-            dp = col[ch.ar, p]
-            dp = torch.where(active & (dp > 0), dp, torch.ones((), dtype=dtype))
-            wp = ch.w[ch.ar, p]
-            t = targets[ch.ar, p]
-            delta = torch.where(active, wp - t, torch.zeros((), dtype=dtype))
-            ch.w -= (delta / dp).unsqueeze(1) * col
-            ch.w[ch.ar, p] = torch.where(active, t, wp)
-            u = col * (torch.where(active, dp.rsqrt(), torch.zeros((), dtype=dtype))).unsqueeze(1)
-            ch.push(u)
-            ch.alive[ch.ar, p] = ch.alive[ch.ar, p] & ~active
-            policy.eliminated(ch, p, active)
-            orig = ch.idx[ch.ar, p]
-            order[rows, step] = torch.where(active, orig, torch.full_like(orig, -1))
-            losses[rows, step] = torch.where(active, 0.5 * delta.double() ** 2 / dp.double(),
-                                             torch.zeros((), dtype=torch.float64))
+            dp = col[ar, p].clamp_min(tiny)
+            delta = ch.w[ar, p] - t
+            if uneven:
+                active = ch.alive[ar, p]
+                delta = torch.where(active, delta, torch.zeros((), dtype=dtype))
+                t = torch.where(active, t, ch.w[ar, p])
+                rs = torch.where(active, dp.rsqrt(), torch.zeros((), dtype=dtype))
+                order_c[:, step] = torch.where(active, ch.idx[ar, p], torch.full_like(p, -1))
+                ch.eliminate(p, col, delta / dp, rs, t)
+                ch.alive[ar, p] = False
+            else:
+                order_c[:, step] = ch.idx[ar, p]
+                ch.eliminate(p, col, delta / dp, dp.rsqrt(), t)
+            policy.eliminated(ch, p)
+            loss_c[:, step] = 0.5 * delta * delta / dp
             if record_values:
-                cur = values[rows, orig]
-                values[rows, orig] = torch.where(active, t.double(), cur)
-            if ch.k == FLUSH_EVERY:
+                vals_c[:, step] = t
+            if ch.k == ch.slots:
                 ch.flush()
+        order[rows, :n_steps] = order_c
+        losses[rows, :n_steps] = loss_c.double()
+        if record_values:
+            valid = order_c >= 0
+            sub = torch.zeros(n, d, dtype=torch.float64, device=W64.device)
+            sub.scatter_(1, torch.where(valid, order_c, 0), torch.where(valid, vals_c.double(), 0))
+            if not bool(valid.all()):
+                # A padding step aliases column 0: put column 0's real value back.
+                first = torch.where(order_c == 0, vals_c.double(), 0).sum(1)
+                sub[:, 0] = first
+            values[rows] = sub
     return Trajectory(order=order, losses=losses, values=values)
 
 
@@ -301,37 +335,43 @@ class PrunePolicy:
 
     def __init__(self, structure: MaskStructure):
         self.structure = structure
+        self.nm = structure.kind == "nm"
 
     def begin(self, ch):
-        if self.structure.kind == "nm":
+        if self.nm:
             R = ch.w.shape[0]
             d = int(ch.idx.max()) + 1
-            self.counts = torch.zeros(R, (d + self.structure.m - 1) // self.structure.m,
-                                      dtype=torch.int64, device=ch.w.device)
-            self.zeros = torch.zeros_like(ch.w)
+            m = self.structure.m
+            self.counts = torch.zeros(R, (d + m - 1) // m, dtype=torch.int64, device=ch.w.device)
+            ch.extras["gid"] = ch.idx // m
+        self.zero = torch.zeros(ch.w.shape[0], dtype=ch.w.dtype, device=ch.w.device)
 
     def scores(self, ch):
-        s = ch.w * ch.w / ch.diag.clamp_min(torch.finfo(ch.w.dtype).tiny)
-        if self.structure.kind == "nm":
-            gid = ch.idx // self.structure.m
-            full = torch.gather(self.counts, 1, gid) >= self.structure.pruned_per_group
-            s = torch.where(full, torch.full_like(s, float("inf")), s)
-        return s, self.zeros if self.structure.kind == "nm" else torch.zeros_like(ch.w)
+        return torch.addcdiv(ch.pen, ch.w * ch.w, ch.diag)
 
-    def choose(self, ch, scores, targets):
+    def choose(self, ch, scores):
         return torch.argmin(scores, dim=1)
 
-    def eliminated(self, ch, p, active):
-        if self.structure.kind == "nm":
-            g = ch.idx[ch.ar, p] // self.structure.m
-            self.counts[ch.ar, g] += active.to(torch.int64)
+    def target(self, ch, p):
+        return self.zero
+
+    def eliminated(self, ch, p):
+        if self.nm:
+            gid = ch.extras["gid"]
+            g = gid[ch.ar, p]
+            self.counts[ch.ar, g] += 1
+            full = self.counts[ch.ar, g] >= self.structure.pruned_per_group
+            if bool(full.any()):
+                # The group is done: its remaining weights are kept, no longer candidates.
+                ch.pen.masked_fill_((gid == g.unsqueeze(1)) & full.unsqueeze(1), float("inf"))
 
 
 class QuantPolicy:
     """OBQ: the weight whose rounding costs least, (w_p - q(w_p))^2 / Hinv_pp.
 
-    Outlier rule of the paper: a weight pushed outside the grid's range (rounding error above half
-    a step) is quantized first, the worst one first, before the updates push it further.
+    Outlier rule of the paper: a weight pushed outside the grid's range (so that rounding moves it
+    by more than half a step) is quantized first, the worst one first, before updates push it
+    further.
     """
 
     def __init__(self, maxq: int):
@@ -342,22 +382,27 @@ class QuantPolicy:
 
     def scores(self, ch):
         s, z = ch.extras["scale"], ch.extras["zero"]
-        q = s * (torch.clamp(torch.round(ch.w / s) + z, 0, self.maxq) - z)
-        err = (ch.w - q) ** 2
+        raw = torch.round(ch.w / s).add_(z)
+        code = raw.clamp(0, self.maxq)
+        self._q = (code - z).mul_(s)
+        err = (ch.w - self._q).square_()
         self._err = err
-        return err / ch.diag.clamp_min(torch.finfo(ch.w.dtype).tiny), q
+        self._clamped = torch.ne(raw, code).logical_and_(ch.alive)
+        return torch.addcdiv(ch.pen, err, ch.diag)
 
-    def choose(self, ch, scores, targets):
+    def choose(self, ch, scores):
         p = torch.argmin(scores, dim=1)
-        s = ch.extras["scale"]
-        err = torch.where(ch.alive, self._err, torch.zeros_like(self._err))
-        out = err > 0.25 * s * s
-        has = out.any(1)
-        if bool(has.any()):
-            p = torch.where(has, torch.argmax(err, dim=1), p)
+        out = self._clamped
+        if bool(out.any()):
+            has = out.any(1)
+            worst = torch.argmax(torch.where(out, self._err, torch.full_like(self._err, -1.0)), dim=1)
+            p = torch.where(has, worst, p)
         return p
 
-    def eliminated(self, ch, p, active):
+    def target(self, ch, p):
+        return self._q[ch.ar, p]
+
+    def eliminated(self, ch, p):
         pass
 
 
@@ -404,8 +449,8 @@ def block_trajectory(W64, Hinv64, block: int, dtype=torch.float32) -> Trajectory
             losses[rows, step] = 0.5 * (yb.double() ** 2).sum((1, 2))
             order[rows, step] = ch.idx[ar, b * c] // c
             ch.alive[ar[:, None], cols] = False
-            for j in range(c):
-                ch.push(V[:, j])
+            ch.U[:, ch.k:ch.k + c] = V
+            ch.k += c
             Vb = V.view(n, c, nbc, c)
             dblk = dblk - torch.einsum("nvbi,nvbj->nbij", Vb, Vb)
             if ch.k + c > ch.slots:
