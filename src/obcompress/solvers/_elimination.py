@@ -33,7 +33,7 @@ FLUSH_EVERY = 32
 CHUNK_BYTES = 256 * 2**20
 # Compact (drop eliminated coordinates) once the live ones are at most this fraction: a compaction
 # costs about two copies of the stored matrices, a flush on dead coordinates wastes GEMM work.
-COMPACT_BELOW = 0.8
+COMPACT_BELOW = 0.7
 
 
 @dataclass
@@ -164,8 +164,13 @@ class _Chunk:
         # instead of allocating, since fresh multi-MB tensors are page-faulted in at every step.
         self._buf = A.new_empty(R * m * m)
         self._tmp = A.new_empty(R * m * m)
-        self._buf.copy_(A.reshape(-1))
-        self.A = self._buf.view(R, m, m)  # stored inverse Hessians, lagging by the pending vectors
+        # Rows that start from the same H^-1 share it (an expanded view) until the first flush,
+        # which writes A - U^T U into the buffer: one pass instead of a copy and an update.
+        self.shared = A.stride(0) == 0
+        if not self.shared:
+            self._buf.view(R, m, m).copy_(A)
+            A = self._buf.view(R, m, m)
+        self.A = A  # stored inverse Hessians, lagging by the pending vectors
         self.w = w  # (R, m) current weights
         self.idx = idx  # (R, m) original column of each compact coordinate
         self.alive = alive  # (R, m) not yet eliminated (and not padding)
@@ -175,7 +180,7 @@ class _Chunk:
         self.slots = slots
         self.U = torch.zeros(R, slots, m, dtype=A.dtype, device=A.device)
         self.k = 0
-        self.diag = torch.diagonal(self.A, dim1=1, dim2=2).clone()
+        self.diag = torch.diagonal(A, dim1=1, dim2=2).clone()
         self.diag.masked_fill_(~alive, 1.0)
         self.ar = torch.arange(R, device=A.device)
 
@@ -208,7 +213,13 @@ class _Chunk:
     def flush(self, compact: bool = True):
         if self.k:
             Uk = self.U[:, : self.k]
-            self.A.baddbmm_(Uk.transpose(1, 2), Uk, alpha=-1.0)
+            if self.shared:
+                R, m, _ = self.A.shape
+                out = self._buf.view(R, m, m)
+                torch.baddbmm(self.A, Uk.transpose(1, 2), Uk, alpha=-1.0, out=out)
+                self.A, self.shared = out, False
+            else:
+                self.A.baddbmm_(Uk.transpose(1, 2), Uk, alpha=-1.0)
             self.k = 0
         if not compact:
             return
