@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from ._common import MaskStructure
 
@@ -52,7 +53,7 @@ class Trajectory:
 
 # Weights per chunk (rows x cols): the per-step vectors of a chunk (w, diag, scores, the pending
 # block) should stay in cache while the stored matrices stream through the GEMMs.
-CHUNK_ELEMS = 64 * 1024
+CHUNK_ELEMS = 128 * 1024
 
 
 def _rows_per_chunk(m: int, itemsize: int, rows: int) -> int:
@@ -64,15 +65,43 @@ def _rows_per_chunk(m: int, itemsize: int, rows: int) -> int:
     return -(-rows // n_chunks)
 
 
-def gather_square(M: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """M[idx_r][:, idx_r] for every row r of ``idx`` (R, s); M is (d, d) shared or (R, d, d) per row.
+def _with_identity_slots(M: torch.Tensor, extra: int) -> torch.Tensor:
+    """M (d x d) bordered by ``extra`` uncoupled coordinates d, d+1, ... with unit diagonal.
 
-    Two gathers with expanded (not materialised) indices: advanced indexing with three broadcast
-    index tensors builds R*s*s int64 offsets and was the slowest part of the solver.
+    Padding position j of a row points at slot d + j, so a padded sub-matrix comes out with
+    identity padding and a padded right-hand side with zeros, without any masking pass.
     """
-    R, s = idx.shape
-    rows = M[idx] if M.dim() == 2 else torch.gather(M, 1, idx.unsqueeze(2).expand(R, s, M.shape[2]))
-    return torch.gather(rows, 2, idx.unsqueeze(1).expand(R, s, s))
+    d = M.shape[0]
+    out = M.new_zeros(d + extra, d + extra)
+    out[:d, :d] = M
+    out.diagonal()[d:] = 1
+    return out
+
+
+def _support_index(sel: torch.Tensor):
+    """Per-row indices of the True entries of ``sel`` (R, d), position j padded with d + j."""
+    R, d = sel.shape
+    counts = sel.sum(1)
+    s = int(counts.max()) if R else 0
+    # Stable sort puts each row's selected columns first, in column order.
+    idx = torch.sort((~sel).to(torch.int8), dim=1, stable=True).indices[:, :s]
+    pos = torch.arange(s, device=sel.device)
+    valid = pos[None, :] < counts[:, None]
+    return torch.where(valid, idx, (d + pos).expand_as(idx)), valid
+
+
+def _sub_matrices(Ma: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Ma[idx_r][:, idx_r] for every row r: one flat gather, no (R, s, d) intermediate."""
+    n = Ma.shape[0]
+    flat = idx.unsqueeze(2) * n + idx.unsqueeze(1)
+    return Ma.reshape(-1)[flat]
+
+
+def _factor(M: torch.Tensor, what: str) -> torch.Tensor:
+    L, info = torch.linalg.cholesky_ex(M)
+    if bool((info != 0).any()):
+        raise ValueError(f"{what} is not positive definite; use a larger damp")
+    return L
 
 
 def support_inverses(H: torch.Tensor, keep: torch.Tensor):
@@ -81,21 +110,9 @@ def support_inverses(H: torch.Tensor, keep: torch.Tensor):
     Returns (Ainv (R, s, s), idx (R, s), valid (R, s)); padding entries are identity rows/cols
     with index 0 and valid False. Raises ValueError if some H_SS is not positive definite.
     """
-    R, d = keep.shape
-    counts = keep.sum(1)
-    s = int(counts.max())
-    # Stable sort puts each row's kept columns first, in column order.
-    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :s]
-    valid = torch.arange(s, device=keep.device)[None, :] < counts[:, None]
-    idx = torch.where(valid, order, torch.zeros_like(order))
-    HS = gather_square(H, idx)
-    vv = valid[:, :, None] & valid[:, None, :]
-    eye = torch.eye(s, dtype=H.dtype, device=H.device).expand(R, s, s)
-    HS = torch.where(vv, HS, eye)
-    L, info = torch.linalg.cholesky_ex(HS)
-    if (info != 0).any():
-        raise ValueError("H restricted to a row's kept weights is not positive definite; use a larger damp")
-    return torch.cholesky_inverse(L), idx, valid
+    idx, valid = _support_index(keep)
+    L = _factor(_sub_matrices(_with_identity_slots(H, idx.shape[1]), idx), "H restricted to a row's kept weights")
+    return torch.cholesky_inverse(L), torch.where(valid, idx, torch.zeros_like(idx)), valid
 
 
 def refit_on_support(W: torch.Tensor, H: torch.Tensor, Hinv: torch.Tensor, keep: torch.Tensor,
@@ -103,7 +120,7 @@ def refit_on_support(W: torch.Tensor, H: torch.Tensor, Hinv: torch.Tensor, keep:
     """Least-squares optimum of every row with its pruned weights (keep False) fixed at zero.
 
     min_w (w - w0) H (w - w0)^T s.t. w_P = 0 has the two equivalent closed forms
-        w = w0 - Hinv[:, P] (Hinv_PP)^-1 w0_P      and      w_S = w0_S + (H_SS)^-1 H_SP w0_P;
+        w = w0 - (Hinv_PP^-1 w0_P) Hinv[P, :]      and      w_S = w0_S + (H_SS)^-1 H_SP w0_P;
     each row uses the one with the smaller system. Rows are sorted by that size and solved in
     padded batches. Everything in float64.
     """
@@ -123,33 +140,24 @@ def refit_on_support(W: torch.Tensor, H: torch.Tensor, Hinv: torch.Tensor, keep:
             w0 = W[sel]
             if form:
                 P = pruned[sel]
-                if not P.any():
+                if not bool(P.any()):
                     continue
-                cnt = P.sum(1)
-                s = int(cnt.max())
-                idx = torch.sort((~P).to(torch.int8), dim=1, stable=True).indices[:, :s]
-                valid = torch.arange(s, device=W.device)[None, :] < cnt[:, None]
-                idx = torch.where(valid, idx, torch.zeros_like(idx))
-                M = gather_square(Hinv, idx)
-                vv = valid[:, :, None] & valid[:, None, :]
-                M = torch.where(vv, M, torch.eye(s, dtype=W.dtype, device=W.device).expand_as(M))
-                rhs = torch.where(valid, torch.gather(w0, 1, idx), torch.zeros((), dtype=W.dtype))
-                L, info = torch.linalg.cholesky_ex(M)
-                if (info != 0).any():
-                    raise ValueError("H^-1 restricted to the pruned weights is not positive definite; use a larger damp")
+                idx, _ = _support_index(P)
+                e = idx.shape[1]
+                L = _factor(_sub_matrices(_with_identity_slots(Hinv, e), idx), "H^-1 restricted to the pruned weights")
+                rhs = torch.gather(F.pad(w0, (0, e)), 1, idx)
                 z = torch.cholesky_solve(rhs.unsqueeze(2), L).squeeze(2)
-                z = torch.where(valid, z, torch.zeros((), dtype=W.dtype))
-                rowsH = Hinv[idx]  # (n, s, d): rows of Hinv = columns, by symmetry
-                w = w0 - torch.bmm(z.unsqueeze(1), rowsH).squeeze(1)
+                za = W.new_zeros(len(sel), d + e).scatter_(1, idx, z)
+                w = w0 - za[:, :d] @ Hinv
             else:
                 keep_s = keep[sel]
-                Ainv, idx, valid = support_inverses(H, keep_s)
-                g = (w0 * (~keep_s)) @ H  # (H_SP w0_P) for every column
-                rhs = torch.where(valid, torch.gather(g, 1, idx), torch.zeros((), dtype=W.dtype))
-                z = torch.bmm(Ainv, rhs.unsqueeze(2)).squeeze(2)
-                # Padding slots point at column 0 with z = 0: adding (not writing) keeps column 0 right.
-                z = torch.where(valid, z, torch.zeros((), dtype=W.dtype))
-                w = w0.clone().scatter_add_(1, idx, z)
+                idx, _ = _support_index(keep_s)
+                e = idx.shape[1]
+                L = _factor(_sub_matrices(_with_identity_slots(H, e), idx), "H restricted to a row's kept weights")
+                g = F.pad((w0 * (~keep_s)) @ H, (0, e))
+                z = torch.cholesky_solve(torch.gather(g, 1, idx).unsqueeze(2), L).squeeze(2)
+                # Padding slots point past column d and are dropped.
+                w = w0 + W.new_zeros(len(sel), d + e).scatter_(1, idx, z)[:, :d]
             w[~keep[sel]] = 0
             out[sel] = w
     return out
