@@ -1,3 +1,4 @@
+import importlib
 import math
 
 import pytest
@@ -277,7 +278,8 @@ def test_accumulator_conv1d_depthwise():
 
 def test_accumulator_conv_chunking(monkeypatch):
     # Large inputs are unfolded a few images at a time; the result must not depend on it.
-    import obcompress.solvers.hessian as hmod
+    # The package exports the function `hessian`, which shadows the submodule's attribute name.
+    hmod = importlib.import_module("obcompress.solvers.hessian")
 
     x = torch.randn(5, 3, 6, 6, generator=_gen(9))
     ref = HessianAccumulator(27)
