@@ -333,7 +333,7 @@ def greedy_single(W64, H64, Hinv64, policy, *, keep=None, dtype=torch.float32, e
             loss_c[:, step] = 0.5 * delta * delta / dp
             if record_values:
                 vals_c[:, step] = t
-            if ch.k == ch.slots:
+            if ch.k == ch.slots and step + 1 < n_steps:
                 ch.flush()
         order[rows, :n_steps] = order_c
         losses[rows, :n_steps] = loss_c.double()
