@@ -12,7 +12,6 @@ Until whole-model compression exists (issue 3) this is the end-to-end check of t
 from __future__ import annotations
 
 import copy
-import importlib
 import math
 import sys
 import time
@@ -21,6 +20,18 @@ from typing import Callable, Dict, List, Optional, Sequence, TextIO
 
 import torch
 from torch import nn
+
+from obcompress.solvers import (
+    QuantGrid,
+    exact_obs_prune,
+    gptq_quantize,
+    layer_loss,
+    magnitude_prune,
+    obq_quantize,
+    rtn_quantize,
+    sparsegpt_prune,
+)
+from obcompress.solvers.hessian import HessianAccumulator
 
 BITS = 4
 
@@ -32,7 +43,6 @@ class Method:
     baseline: Optional[str]  # key of the method this one is compared with (None: it is a baseline)
     nm: bool  # needs cols divisible by 4 (2:4 structure)
     run: Callable[["LayerContext"], torch.Tensor]  # returns the compressed weight (rows x cols)
-    needs: Sequence[str]  # solver modules it imports
 
 
 @dataclass
@@ -49,13 +59,7 @@ class LayerContext:
     extra_seconds: Dict[str, float] = field(default_factory=dict)  # time of reused results
 
 
-def _solver(module: str, name: str):
-    return getattr(importlib.import_module(f"obcompress.solvers.{module}"), name)
-
-
 def _fit_grid(W: torch.Tensor):
-    from obcompress.solvers.grid import QuantGrid
-
     return QuantGrid.fit(W, BITS, symmetric=True, strategy="channel")
 
 
@@ -74,41 +78,41 @@ def _reuse(ctx: LayerContext, key: str, user: str, run) -> object:
 
 
 def _rtn(ctx):
-    return _keep(ctx, "rtn4", _solver("baselines", "rtn_quantize")(ctx.W, ctx.grid, H=ctx.H))
+    return _keep(ctx, "rtn4", rtn_quantize(ctx.W, ctx.grid, H=ctx.H))
 
 
 def _gptq(ctx):
-    return _keep(ctx, "gptq4", _solver("gptq", "gptq_quantize")(ctx.W, ctx.H, ctx.grid))
+    return _keep(ctx, "gptq4", gptq_quantize(ctx.W, ctx.H, ctx.grid))
 
 
 def _obq(ctx):
-    return _keep(ctx, "obq4", _solver("obq", "obq_quantize")(ctx.W, ctx.H, ctx.grid))
+    return _keep(ctx, "obq4", obq_quantize(ctx.W, ctx.H, ctx.grid))
 
 
 def _mag50(ctx):
-    return _keep(ctx, "mag50", _solver("baselines", "magnitude_prune")(ctx.W, 0.5, H=ctx.H))
+    return _keep(ctx, "mag50", magnitude_prune(ctx.W, 0.5, H=ctx.H))
 
 
 def _sgpt50(ctx):
-    return _keep(ctx, "sgpt50", _solver("gptq", "sparsegpt_prune")(ctx.W, ctx.H, 0.5))
+    return _keep(ctx, "sgpt50", sparsegpt_prune(ctx.W, ctx.H, 0.5))
 
 
 def _obs50(ctx):
-    return _keep(ctx, "obs50", _solver("obs", "exact_obs_prune")(ctx.W, ctx.H, 0.5))
+    return _keep(ctx, "obs50", exact_obs_prune(ctx.W, ctx.H, 0.5))
 
 
 def _mag24(ctx):
-    f = _solver("baselines", "magnitude_prune")
+    f = magnitude_prune
     return _keep(ctx, "mag24", f(ctx.W, mask_structure="2:4", H=ctx.H, columns_last=ctx.columns_last))
 
 
 def _sgpt24(ctx):
-    f = _solver("gptq", "sparsegpt_prune")
+    f = sparsegpt_prune
     return _keep(ctx, "sgpt24", f(ctx.W, ctx.H, mask_structure="2:4", columns_last=ctx.columns_last))
 
 
 def _obs24(ctx):
-    f = _solver("obs", "exact_obs_prune")
+    f = exact_obs_prune
     return _keep(ctx, "obs24", f(ctx.W, ctx.H, mask_structure="2:4", columns_last=ctx.columns_last))
 
 
@@ -116,11 +120,11 @@ def _mag24_rtn(ctx):
     pruned = _reuse(ctx, "mag24", "mag24_rtn4", _mag24)
     # Magnitude pruning keeps each row's largest |w|, so the symmetric grid of the dense row fits
     # the pruned row as well, and zero is a grid point: pruned weights stay exactly zero.
-    return _solver("baselines", "rtn_quantize")(pruned.weight, ctx.grid).weight
+    return rtn_quantize(pruned.weight, ctx.grid).weight
 
 
 def _sgpt24_q(ctx):
-    f = _solver("gptq", "sparsegpt_prune")
+    f = sparsegpt_prune
     return f(ctx.W, ctx.H, mask_structure="2:4", grid=ctx.grid, columns_last=ctx.columns_last).weight
 
 
@@ -129,22 +133,22 @@ def _obc24_q(ctx):
     # OBQ re-fits the dense W on the mask's support itself, so its loss is against the dense W.
     # The grid stays the dense row's: the re-fit can stretch a row's range (3x on these layers),
     # and a grid fitted on the stretched row is much coarser.
-    return _solver("obq", "obq_quantize")(ctx.W, ctx.H, ctx.grid, mask=pruned.mask).weight
+    return obq_quantize(ctx.W, ctx.H, ctx.grid, mask=pruned.mask).weight
 
 
 METHODS: List[Method] = [
-    Method("rtn4", f"RTN {BITS}-bit", None, False, _rtn, ("baselines",)),
-    Method("gptq4", f"GPTQ {BITS}-bit", "rtn4", False, _gptq, ("gptq",)),
-    Method("obq4", f"OBQ {BITS}-bit", "rtn4", False, _obq, ("obq",)),
-    Method("mag50", "magnitude 50%", None, False, _mag50, ("baselines",)),
-    Method("sgpt50", "SparseGPT 50%", "mag50", False, _sgpt50, ("gptq",)),
-    Method("obs50", "ExactOBS 50%", "mag50", False, _obs50, ("obs",)),
-    Method("mag24", "magnitude 2:4", None, True, _mag24, ("baselines",)),
-    Method("sgpt24", "SparseGPT 2:4", "mag24", True, _sgpt24, ("gptq",)),
-    Method("obs24", "ExactOBS 2:4", "mag24", True, _obs24, ("obs",)),
-    Method("mag24_rtn4", f"magnitude 2:4 + RTN {BITS}-bit", None, True, _mag24_rtn, ("baselines",)),
-    Method("sgpt24_4", f"SparseGPT 2:4 + {BITS}-bit", "mag24_rtn4", True, _sgpt24_q, ("gptq",)),
-    Method("obc24_4", f"ExactOBS 2:4 + OBQ {BITS}-bit", "mag24_rtn4", True, _obc24_q, ("obs", "obq")),
+    Method("rtn4", f"RTN {BITS}-bit", None, False, _rtn),
+    Method("gptq4", f"GPTQ {BITS}-bit", "rtn4", False, _gptq),
+    Method("obq4", f"OBQ {BITS}-bit", "rtn4", False, _obq),
+    Method("mag50", "magnitude 50%", None, False, _mag50),
+    Method("sgpt50", "SparseGPT 50%", "mag50", False, _sgpt50),
+    Method("obs50", "ExactOBS 50%", "mag50", False, _obs50),
+    Method("mag24", "magnitude 2:4", None, True, _mag24),
+    Method("sgpt24", "SparseGPT 2:4", "mag24", True, _sgpt24),
+    Method("obs24", "ExactOBS 2:4", "mag24", True, _obs24),
+    Method("mag24_rtn4", f"magnitude 2:4 + RTN {BITS}-bit", None, True, _mag24_rtn),
+    Method("sgpt24_4", f"SparseGPT 2:4 + {BITS}-bit", "mag24_rtn4", True, _sgpt24_q),
+    Method("obc24_4", f"ExactOBS 2:4 + OBQ {BITS}-bit", "mag24_rtn4", True, _obc24_q),
 ]
 METHOD_KEYS = [m.key for m in METHODS]
 
@@ -175,7 +179,6 @@ class DemoReport:
     rows: List[LayerRow]
     accuracy: Dict[str, float]  # method key -> test accuracy with all layers compressed
     skipped: Dict[str, List[str]]  # method key -> layers left dense (cols not divisible by 4)
-    unavailable: Dict[str, str]  # method key -> why it could not run
     calibration_samples: int
     seconds: float
 
@@ -193,8 +196,6 @@ def compressible_layers(model: nn.Module) -> Dict[str, nn.Module]:
 @torch.no_grad()
 def collect_hessians(model: nn.Module, X: torch.Tensor, batch_size: int = 256) -> Dict[str, torch.Tensor]:
     """H of every Conv2d / Linear layer from the inputs it sees while the dense model runs on X."""
-    from obcompress.solvers.hessian import HessianAccumulator
-
     layers = compressible_layers(model)
     accs, handles = {}, []
     for name, mod in layers.items():
@@ -220,18 +221,6 @@ def collect_hessians(model: nn.Module, X: torch.Tensor, batch_size: int = 256) -
         for h in handles:
             h.remove()
     return {name: acc.hessian() for name, acc in accs.items()}
-
-
-def _missing_modules(methods: Sequence[Method]) -> Dict[str, str]:
-    why = {}
-    for m in methods:
-        for mod in m.needs:
-            try:
-                importlib.import_module(f"obcompress.solvers.{mod}")
-            except ImportError as e:
-                why[m.key] = f"obcompress.solvers.{mod} not importable ({e})"
-                break
-    return why
 
 
 def _fmt_loss(x: float) -> str:
@@ -280,7 +269,6 @@ def run_demo(
     """
     from tqdm.auto import tqdm
 
-    from obcompress.solvers._common import layer_loss
     from obcompress.zoo.digits import DigitsCNN, calibration_inputs, digits_cnn, evaluate, load_digits_data
 
     out = out if out is not None else sys.stdout
@@ -313,8 +301,7 @@ def run_demo(
     X_cal = calibration_inputs(calibration_samples, data)
     hessians = collect_hessians(model, X_cal)
 
-    unavailable = _missing_modules(chosen)
-    runnable = [m for m in chosen if m.key not in unavailable]
+    runnable = chosen
 
     print(
         f"digits CNN: {data.X_train.shape[0]} train / {data.X_test.shape[0]} test images, dense test accuracy "
@@ -378,13 +365,10 @@ def run_demo(
         rows=rows,
         accuracy=accuracy,
         skipped={k: v for k, v in skipped.items() if v},
-        unavailable=unavailable,
         calibration_samples=calibration_samples,
         seconds=0.0,
     )
     print(format_accuracy_table(report, runnable), file=out)
-    for key, why in unavailable.items():
-        print(f"not run: {key}: {why}", file=out)
     report.seconds = time.perf_counter() - t_start
     print(f"\ndemo finished in {report.seconds:.1f} s", file=out)
     return report

@@ -175,11 +175,11 @@ def test_dead_inputs_and_rank_deficient_hessian():
         (dict(sparsity=1.0), "sparsity"),
         (dict(sparsity=-0.1), "sparsity"),
         (dict(sparsity=None), "sparsity is required"),
-        (dict(sparsity=0.5, mask_structure="2:5"), "not divisible"),
+        (dict(sparsity=None, mask_structure="2:5"), "not divisible"),
         (dict(sparsity=0.5, mask_structure="3:2"), "N < M"),
         (dict(sparsity=0.5, mask_structure="block:5"), "not divisible"),
         (dict(sparsity=0.5, mask_structure="diagonal"), "unknown mask_structure"),
-        (dict(sparsity=0.3, mask_structure="2:4"), "holds sparsity 0.5 only"),
+        (dict(sparsity=0.3, mask_structure="2:4"), "contradicts mask_structure 2:4"),
         (dict(sparsity=0.5, columns_last=7), "columns_last"),
         (dict(sparsity=0.5, damp=-1), "damp"),
     ],
@@ -188,6 +188,14 @@ def test_bad_arguments(kwargs, match):
     W, H = correlated_problem(2, 24, seed=15)
     with pytest.raises(ValueError, match=match):
         exact_obs_prune(W, H, **kwargs)
+
+
+def test_nm_database_holds_its_own_level_only():
+    W, H = correlated_problem(2, 24, seed=17)
+    db = exact_obs_database(W, H, mask_structure="2:4")
+    assert db.at(None).sparsity == 0.5 and db.at(0.5).sparsity == 0.5
+    with pytest.raises(ValueError, match="holds sparsity 0.5 only"):
+        db.at(0.3)
 
 
 def test_bad_tensors():

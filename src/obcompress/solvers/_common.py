@@ -175,6 +175,20 @@ def columns_last_perm(cols: int, columns_last: Optional[int], device=None) -> Op
     return torch.arange(cols, device=device).reshape(C, columns_last).t().reshape(-1)
 
 
+def resolve_sparsity(sparsity: Optional[float], ms: MaskStructure) -> float:
+    """The sparsity a pruning call means: N:M fixes its own, anything else needs it given."""
+    fixed = ms.fixed_sparsity
+    if sparsity is None:
+        if fixed is None:
+            raise ValueError(f"sparsity is required for mask_structure {ms} (only N:M fixes its own sparsity)")
+        return fixed
+    check_sparsity(sparsity)
+    if fixed is not None and abs(sparsity - fixed) > 1e-9:
+        raise ValueError(f"sparsity={sparsity} contradicts mask_structure {ms}, which is {fixed:g} sparse; "
+                         "pass sparsity=None")
+    return float(sparsity)
+
+
 @dataclass
 class PreparedLayer:
     W: torch.Tensor  # float64 copy of W with dead columns zeroed

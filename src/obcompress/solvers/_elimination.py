@@ -25,16 +25,32 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from . import _native
 from ._common import MaskStructure
 
 # Pending vectors per flush: large enough for the rank-B update to run at GEMM speed, small
-# enough that the per-step GEMV against the pending block stays cheap.
+# enough that computing a column from the pending block stays cheap.
 FLUSH_EVERY = 32
-# Bytes of stored inverse Hessians kept per chunk of rows (twice this is allocated).
-CHUNK_BYTES = 256 * 2**20
+# Bytes of stored inverse Hessians per chunk of rows. With the fused kernel a step costs one call
+# whatever the chunk, so chunks are small enough for the stored matrices to stay in the last-level
+# cache between flushes; the pure-torch step costs ~40 operations, so it batches many more rows.
+CHUNK_BYTES_NATIVE = 16 * 2**20
+CHUNK_BYTES_TORCH = 256 * 2**20
+CHUNK_ELEMS_TORCH = 128 * 1024  # weights (rows x cols) per torch chunk: its per-step vectors stay cached
 # Compact (drop eliminated coordinates) once the live ones are at most this fraction: a compaction
-# costs about two copies of the stored matrices, a flush on dead coordinates wastes GEMM work.
-COMPACT_BELOW = 0.7
+# is one pass over the stored matrices, a flush over dead coordinates wastes GEMM work.
+COMPACT_BELOW = 0.85
+
+
+def _rows_per_chunk(m: int, itemsize: int, rows: int, native: bool) -> int:
+    if native:
+        per = CHUNK_BYTES_NATIVE // max(1, m * m * itemsize)
+    else:
+        per = min(CHUNK_ELEMS_TORCH // max(1, m), CHUNK_BYTES_TORCH // max(1, m * m * itemsize))
+    per = max(1, min(rows, per))
+    # Equal chunks: the last one is not left with a few rows that cost a full pass of steps.
+    n_chunks = -(-rows // per)
+    return -(-rows // n_chunks)
 
 
 @dataclass
@@ -49,20 +65,6 @@ class Trajectory:
     order: torch.Tensor  # (rows, steps) int64
     losses: torch.Tensor  # (rows, steps) float64
     values: Optional[torch.Tensor] = None  # (rows, cols)
-
-
-# Weights per chunk (rows x cols): the per-step vectors of a chunk (w, diag, scores, the pending
-# block) should stay in cache while the stored matrices stream through the GEMMs.
-CHUNK_ELEMS = 128 * 1024
-
-
-def _rows_per_chunk(m: int, itemsize: int, rows: int) -> int:
-    by_cache = CHUNK_ELEMS // max(1, m)
-    by_memory = CHUNK_BYTES // max(1, m * m * itemsize)
-    per = max(1, min(rows, by_cache, by_memory))
-    # Equal chunks: the last one is not left with a few rows that cost a full pass of steps.
-    n_chunks = -(-rows // per)
-    return -(-rows // n_chunks)
 
 
 def _with_identity_slots(M: torch.Tensor, extra: int) -> torch.Tensor:
@@ -166,18 +168,21 @@ def refit_on_support(W: torch.Tensor, H: torch.Tensor, Hinv: torch.Tensor, keep:
 class _Chunk:
     """State of one batch of rows during elimination (all tensors compacted to m coordinates)."""
 
-    def __init__(self, A, w, idx, alive, extras, slots=FLUSH_EVERY):
+    def __init__(self, A, w, idx, alive, extras, slots=FLUSH_EVERY, buffers=None, lib=None):
         R, m, _ = A.shape
-        # A lives in the first of two flat buffers allocated once: compaction copies between them
-        # instead of allocating, since fresh multi-MB tensors are page-faulted in at every step.
-        self._buf = A.new_empty(R * m * m)
-        self._tmp = A.new_empty(R * m * m)
+        self.lib = lib  # the fused kernels, when compiled (compaction in place)
+        # A lives in the first of two flat buffers allocated once per solver call and reused by
+        # every chunk: compaction copies between them, and fresh multi-MB tensors would have to
+        # be page-faulted in again (as slow as the copy itself).
+        if buffers is None or buffers[0].numel() < R * m * m:
+            buffers = (A.new_empty(R * m * m), A.new_empty(R * m * m))
+        self._buf, self._tmp = buffers
         # Rows that start from the same H^-1 share it (an expanded view) until the first flush,
         # which writes A - U^T U into the buffer: one pass instead of a copy and an update.
         self.shared = A.stride(0) == 0
         if not self.shared:
-            self._buf.view(R, m, m).copy_(A)
-            A = self._buf.view(R, m, m)
+            self._buf[: R * m * m].view(R, m, m).copy_(A)
+            A = self._buf[: R * m * m].view(R, m, m)
         self.A = A  # stored inverse Hessians, lagging by the pending vectors
         self.w = w  # (R, m) current weights
         self.idx = idx  # (R, m) original column of each compact coordinate
@@ -223,7 +228,7 @@ class _Chunk:
             Uk = self.U[:, : self.k]
             if self.shared:
                 R, m, _ = self.A.shape
-                out = self._buf.view(R, m, m)
+                out = self._buf[: R * m * m].view(R, m, m)
                 torch.baddbmm(self.A, Uk.transpose(1, 2), Uk, alpha=-1.0, out=out)
                 self.A, self.shared = out, False
             else:
@@ -236,18 +241,23 @@ class _Chunk:
         if m_new == 0 or m_new > COMPACT_BELOW * m:
             return
         # Stable sort keeps alive coordinates in their column order (blocks stay contiguous).
-        sel = torch.sort((~self.alive).to(torch.int8), dim=1, stable=True).indices[:, :m_new]
-        # Rows by index_select (row copies), then the same for columns through one transposed copy:
-        # by symmetry the result is A[sel][:, sel]. Much faster than an element-wise gather.
-        ridx = (self.ar * m).unsqueeze(1).add(sel).flatten()
-        rows = self._tmp[: R * m_new * m].view(R * m_new, m)
-        torch.index_select(self.A.view(R * m, m), 0, ridx, out=rows)
-        cols = self._buf[: R * m * m_new].view(R, m, m_new)
-        cols.copy_(rows.view(R, m_new, m).transpose(1, 2))
-        out = self._tmp[: R * m_new * m_new].view(R * m_new, m_new)
-        torch.index_select(cols.view(R * m, m_new), 0, ridx, out=out)
-        self._buf, self._tmp = self._tmp, self._buf
-        self.A = out.view(R, m_new, m_new)
+        sel = torch.sort((~self.alive).to(torch.int8), dim=1, stable=True).indices[:, :m_new].contiguous()
+        if self.lib is not None:
+            compact = self.lib.compact_f32 if self.A.dtype == torch.float32 else self.lib.compact_f64
+            compact(R, m, m_new, self.A.data_ptr(), sel.data_ptr())
+            self.A = self._buf[: R * m_new * m_new].view(R, m_new, m_new)
+        else:
+            # Rows by index_select (row copies), then the same for columns through one transposed
+            # copy: by symmetry the result is A[sel][:, sel]. Much faster than an element-wise gather.
+            ridx = (self.ar * m).unsqueeze(1).add(sel).flatten()
+            rows = self._tmp[: R * m_new * m].view(R * m_new, m)
+            torch.index_select(self.A.view(R * m, m), 0, ridx, out=rows)
+            cols = self._buf[: R * m * m_new].view(R, m, m_new)
+            cols.copy_(rows.view(R, m_new, m).transpose(1, 2))
+            out = self._tmp[: R * m_new * m_new].view(R * m_new, m_new)
+            torch.index_select(cols.view(R * m, m_new), 0, ridx, out=out)
+            self._buf, self._tmp = self._tmp, self._buf
+            self.A = out.view(R, m_new, m_new)
         for name in ("w", "idx", "alive", "diag", "pen"):
             setattr(self, name, torch.gather(getattr(self, name), 1, sel))
         for name, t in self.extras.items():
@@ -255,7 +265,7 @@ class _Chunk:
         self.U = torch.zeros(R, self.slots, m_new, dtype=self.A.dtype, device=self.A.device)
 
 
-def _start_chunk(W64, H64, Hinv64, rows, keep, dtype, extras, slots=FLUSH_EVERY):
+def _start_chunk(W64, H64, Hinv64, rows, keep, dtype, extras, slots=FLUSH_EVERY, buffers=None, lib=None):
     """Initial state for ``rows``: the full H^-1, or per-row (H_SS)^-1 where a support is given."""
     w0 = W64[rows]
     R, d = w0.shape
@@ -270,7 +280,7 @@ def _start_chunk(W64, H64, Hinv64, rows, keep, dtype, extras, slots=FLUSH_EVERY)
         w = torch.gather(w0, 1, idx).to(dtype)
         w = torch.where(alive, w, torch.zeros((), dtype=dtype))
     ex = {name: torch.gather(t[rows], 1, idx) for name, t in extras.items()}
-    return _Chunk(A, w, idx, alive, ex, slots)
+    return _Chunk(A, w, idx, alive, ex, slots, buffers, lib)
 
 
 def greedy_single(W64, H64, Hinv64, policy, *, keep=None, dtype=torch.float32, extras=None,
@@ -294,23 +304,29 @@ def greedy_single(W64, H64, Hinv64, policy, *, keep=None, dtype=torch.float32, e
         row_order = torch.argsort(keep.sum(1), stable=True)
     else:
         row_order = torch.arange(R, device=W64.device)
-    per = _rows_per_chunk(d, itemsize, R)
+    lib = _native.kernel() if W64.device.type == "cpu" and dtype in (torch.float32, torch.float64) else None
+    per = _rows_per_chunk(d, itemsize, R, native=lib is not None)
     tiny = torch.finfo(dtype).tiny
+    buffers = (torch.empty(per * d * d, dtype=dtype, device=W64.device),
+               torch.empty(per * d * d, dtype=dtype, device=W64.device))
     for start in range(0, R, per):
         rows = row_order[start:start + per]
         if keep is not None and not bool(keep[rows].any()):
             continue
-        ch = _start_chunk(W64, H64, Hinv64, rows, keep, dtype, extras)
+        ch = _start_chunk(W64, H64, Hinv64, rows, keep, dtype, extras, buffers=buffers, lib=lib)
         counts = ch.alive.sum(1)
         n_steps = min(int(counts.max()), steps_total)
         # Rows with fewer coordinates than steps idle once they run out (padded supports only).
         uneven = bool((counts < n_steps).any())
         n = rows.numel()
         order_c = torch.full((n, n_steps), -1, dtype=torch.int64, device=W64.device)
-        loss_c = torch.zeros(n, n_steps, dtype=dtype, device=W64.device)
-        vals_c = torch.zeros(n, n_steps, dtype=dtype, device=W64.device) if record_values else None
+        loss_c = torch.zeros(n, n_steps, dtype=torch.float64, device=W64.device)
+        vals_c = torch.zeros(n, n_steps, dtype=torch.float64, device=W64.device) if record_values else None
         ar = ch.ar
         policy.begin(ch)
+        if lib is not None:
+            _native_steps(lib, ch, policy, n_steps, order_c, loss_c, vals_c)
+            n_steps = 0  # done
         for step in range(n_steps):
             scores = policy.scores(ch)
             p = policy.choose(ch, scores)
@@ -330,23 +346,59 @@ def greedy_single(W64, H64, Hinv64, policy, *, keep=None, dtype=torch.float32, e
                 order_c[:, step] = ch.idx[ar, p]
                 ch.eliminate(p, col, delta / dp, dp.rsqrt(), t)
             policy.eliminated(ch, p)
-            loss_c[:, step] = 0.5 * delta * delta / dp
+            loss_c[:, step] = (0.5 * delta * delta / dp).double()
             if record_values:
-                vals_c[:, step] = t
+                vals_c[:, step] = t.double()
             if ch.k == ch.slots and step + 1 < n_steps:
                 ch.flush()
-        order[rows, :n_steps] = order_c
-        losses[rows, :n_steps] = loss_c.double()
+        taken = order_c.shape[1]
+        order[rows, :taken] = order_c
+        losses[rows, :taken] = loss_c
         if record_values:
             valid = order_c >= 0
             sub = torch.zeros(n, d, dtype=torch.float64, device=W64.device)
-            sub.scatter_(1, torch.where(valid, order_c, 0), torch.where(valid, vals_c.double(), 0))
+            sub.scatter_(1, torch.where(valid, order_c, 0), torch.where(valid, vals_c, 0))
             if not bool(valid.all()):
                 # A padding step aliases column 0: put column 0's real value back.
-                first = torch.where(order_c == 0, vals_c.double(), 0).sum(1)
+                first = torch.where(order_c == 0, vals_c, 0).sum(1)
                 sub[:, 0] = first
             values[rows] = sub
     return Trajectory(order=order, losses=losses, values=values)
+
+
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    if t is None:
+        return 0
+    assert t.is_contiguous() or t.stride(0) == 0, "native kernel needs contiguous buffers"
+    return t.data_ptr()
+
+
+def _native_steps(lib, ch, policy, n_steps, order_c, loss_c, vals_c):
+    """The step loop with the fused C kernel: one call per step for all rows of the chunk."""
+    fn = lib.obs_step_f32 if ch.w.dtype == torch.float32 else lib.obs_step_f64
+    R = ch.w.shape[0]
+    scratch = torch.empty(R * ch.m, dtype=ch.w.dtype)
+    out_stride = order_c.shape[1]
+    order_p, loss_p = order_c.data_ptr(), loss_c.data_ptr()
+    val_p = vals_c.data_ptr() if vals_c is not None else 0
+
+    def state():
+        # Everything up to the pending count k, then everything after it up to the outputs.
+        mode, scale, zero, maxq, gid, counts, G, ppg = policy.native(ch)
+        head = (R, ch.m, ch.slots)
+        tail = (_ptr(ch.A), ch.A.stride(0), _ptr(ch.U), _ptr(ch.w), _ptr(ch.diag), _ptr(ch.pen),
+                _ptr(ch.alive), _ptr(ch.idx), mode, _ptr(scale), _ptr(zero), maxq, _ptr(gid), _ptr(counts), G, ppg)
+        return head, tail
+
+    head, tail = state()
+    scratch_p = scratch.data_ptr()
+    for step in range(n_steps):
+        fn(*head, ch.k, *tail, order_p + 8 * step, loss_p + 8 * step, val_p + 8 * step if val_p else 0,
+           out_stride, scratch_p)
+        ch.k += 1
+        if ch.k == ch.slots and step + 1 < n_steps:
+            ch.flush()
+            head, tail = state()  # flush and compaction replace the buffers
 
 
 class PrunePolicy:
@@ -361,8 +413,8 @@ class PrunePolicy:
             R = ch.w.shape[0]
             d = int(ch.idx.max()) + 1
             m = self.structure.m
-            self.counts = torch.zeros(R, (d + m - 1) // m, dtype=torch.int64, device=ch.w.device)
-            ch.extras["gid"] = ch.idx // m
+            self.counts = torch.zeros(R, (d + m - 1) // m, dtype=torch.int32, device=ch.w.device)
+            ch.extras["gid"] = (ch.idx // m).to(torch.int32)
         self.zero = torch.zeros(ch.w.shape[0], dtype=ch.w.dtype, device=ch.w.device)
 
     def scores(self, ch):
@@ -374,10 +426,15 @@ class PrunePolicy:
     def target(self, ch, p):
         return self.zero
 
+    def native(self, ch):
+        if self.nm:
+            return 0, None, None, 0.0, ch.extras["gid"], self.counts, self.counts.shape[1], self.structure.pruned_per_group
+        return 0, None, None, 0.0, None, None, 0, 0
+
     def eliminated(self, ch, p):
         if self.nm:
             gid = ch.extras["gid"]
-            g = gid[ch.ar, p]
+            g = gid[ch.ar, p].long()
             self.counts[ch.ar, g] += 1
             full = self.counts[ch.ar, g] >= self.structure.pruned_per_group
             if bool(full.any()):
@@ -421,6 +478,9 @@ class QuantPolicy:
     def target(self, ch, p):
         return self._q[ch.ar, p]
 
+    def native(self, ch):
+        return 1, ch.extras["scale"], ch.extras["zero"], float(self.maxq), None, None, 0, 0
+
     def eliminated(self, ch, p):
         pass
 
@@ -437,13 +497,16 @@ def block_trajectory(W64, Hinv64, block: int, dtype=torch.float32) -> Trajectory
     order = torch.full((R, nb), -1, dtype=torch.int64, device=W64.device)
     losses = torch.zeros(R, nb, dtype=torch.float64, device=W64.device)
     itemsize = torch.tensor([], dtype=dtype).element_size()
-    per = _rows_per_chunk(d, itemsize, R)
+    per = _rows_per_chunk(d, itemsize, R, native=False)
+    buffers = (torch.empty(per * d * d, dtype=dtype, device=W64.device),
+               torch.empty(per * d * d, dtype=dtype, device=W64.device))
     for start in range(0, R, per):
         rows = torch.arange(start, min(R, start + per), device=W64.device)
-        ch = _start_chunk(W64, None, Hinv64, rows, None, dtype, {}, slots=max(FLUSH_EVERY, c))
+        ch = _start_chunk(W64, None, Hinv64, rows, None, dtype, {}, slots=max(FLUSH_EVERY, c), buffers=buffers)
         n = rows.numel()
         ar = ch.ar
         dblk = _diag_blocks(ch.A, c)
+        within = torch.arange(c, device=W64.device)
         for step in range(nb):
             m = ch.m
             nbc = m // c
@@ -454,12 +517,12 @@ def block_trajectory(W64, Hinv64, block: int, dtype=torch.float32) -> Trajectory
             score = (y * y).sum(2)
             score = torch.where(blk_alive, score, torch.full_like(score, float("inf")))
             b = torch.argmin(score, dim=1)
-            cols = b.unsqueeze(1) * c + torch.arange(c, device=W64.device)  # (n, c) compact columns
+            cols = b.unsqueeze(1) * c + within  # (n, c) compact columns
             colsH = ch.A[ar[:, None], cols]  # (n, c, m)
             if ch.k:
                 coef = ch.U[ar[:, None], : ch.k, cols]  # (n, c, k)
                 colsH = colsH - torch.bmm(coef, ch.U[:, : ch.k])
-            D = colsH[ar[:, None, None], torch.arange(c)[None, :, None], cols[:, None, :]]  # (n, c, c)
+            D = colsH[ar[:, None, None], within[None, :, None], cols[:, None, :]]  # (n, c, c)
             L, _ = torch.linalg.cholesky_ex(D)
             V = torch.linalg.solve_triangular(L, colsH, upper=False)  # (n, c, m)
             yb = torch.linalg.solve_triangular(L, ch.w[ar[:, None], cols].unsqueeze(2), upper=False)

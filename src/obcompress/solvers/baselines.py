@@ -14,27 +14,14 @@ import torch
 from ._common import (
     SolverResult,
     check_hessian,
-    check_sparsity,
     check_weight,
     columns_last_perm,
     layer_loss,
     num_pruned,
     parse_mask_structure,
+    resolve_sparsity,
 )
-from .grid import QuantGrid
-
-
-def _resolve_sparsity(sparsity, ms) -> float:
-    """An N:M structure fixes the sparsity; anything else needs it given."""
-    fixed = ms.fixed_sparsity
-    if sparsity is None:
-        if fixed is None:
-            raise ValueError(f"sparsity is required for mask_structure {ms} (only N:M fixes its own sparsity)")
-        return fixed
-    check_sparsity(sparsity)
-    if fixed is not None and abs(sparsity - fixed) > 1e-9:
-        raise ValueError(f"sparsity={sparsity} contradicts mask_structure {ms}, which is {fixed:g} sparse; pass sparsity=None")
-    return float(sparsity)
+from .grid import QuantGrid, check_grid
 
 
 def _smallest_first(scores: torch.Tensor) -> torch.Tensor:
@@ -63,7 +50,7 @@ def magnitude_prune(
     ms = parse_mask_structure(mask_structure, cols)
     if H is not None:
         check_hessian(H, cols)
-    sp = _resolve_sparsity(sparsity, ms)
+    sp = resolve_sparsity(sparsity, ms)
     # Validated for every structure; unstructured selection does not depend on column order.
     perm = columns_last_perm(cols, columns_last, device=W.device)
     absW = W.detach().abs()
@@ -110,8 +97,7 @@ def rtn_quantize(W: torch.Tensor, grid: QuantGrid, *, H: Optional[torch.Tensor] 
     """Round every weight to the nearest point of ``grid`` (no error compensation)."""
     t0 = time.perf_counter()
     check_weight(W)
-    if not isinstance(grid, QuantGrid):
-        raise ValueError(f"grid must be a QuantGrid (see QuantGrid.fit), got {type(grid).__name__}")
+    check_grid(grid, W)
     if H is not None:
         check_hessian(H, W.shape[1])
     if grid.scale.device != W.device:

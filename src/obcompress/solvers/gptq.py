@@ -24,15 +24,15 @@ import torch
 from ._common import (
     SolverResult,
     check_hessian,
-    check_sparsity,
     check_weight,
     columns_last_perm,
     layer_loss,
     num_pruned,
     parse_mask_structure,
     prepare_layer,
+    resolve_sparsity,
 )
-from .grid import QuantGrid, minmax_params
+from .grid import QuantGrid, check_grid, minmax_params
 
 __all__ = ["gptq_quantize", "sparsegpt_prune"]
 
@@ -49,26 +49,6 @@ def _check_block_size(block_size) -> None:
 def _check_dtype(dtype) -> None:
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
-
-
-def _check_grid(grid, W: torch.Tensor) -> None:
-    if not isinstance(grid, QuantGrid):
-        raise ValueError(f"grid must be a QuantGrid, got {type(grid).__name__}")
-    rows, cols = W.shape
-    if grid.scale.dim() != 2 or grid.zero.shape != grid.scale.shape:
-        raise ValueError(f"grid scale/zero must be 2-D of equal shape, got {tuple(grid.scale.shape)} "
-                         f"and {tuple(grid.zero.shape)}")
-    if grid.strategy != "tensor" and grid.scale.shape[0] != rows:
-        raise ValueError(f"grid fitted for {grid.scale.shape[0]} rows, W has {rows}")
-    if grid.g_idx is not None and grid.g_idx.numel() != cols:
-        raise ValueError(f"grid has a group index for {grid.g_idx.numel()} columns, W has {cols}")
-    if grid.g_idx is None and grid.strategy == "group":
-        if not grid.group_size or math.ceil(cols / grid.group_size) != grid.scale.shape[1]:
-            raise ValueError(f"grid fitted for {grid.scale.shape[1]} groups of {grid.group_size}, "
-                             f"W has {cols} columns")
-    if grid.g_idx is None and grid.strategy != "group" and grid.scale.shape[1] != 1:
-        raise ValueError(f"grid with strategy {grid.strategy!r} must have one scale per row, "
-                         f"got shape {tuple(grid.scale.shape)}")
 
 
 def _block_bounds(cols: int, block_size: int, unit: Optional[int]) -> List[Tuple[int, int]]:
@@ -198,7 +178,7 @@ def gptq_quantize(
     """
     t0 = time.perf_counter()
     if not isinstance(grid, QuantGrid):
-        raise ValueError(f"grid must be a QuantGrid, got {type(grid).__name__}")
+        check_grid(grid, W)
     _check_block_size(block_size)
     _check_dtype(dtype)
     if group_size is None and grid.strategy == "group" and grid.g_idx is None:
@@ -207,7 +187,7 @@ def gptq_quantize(
         raise ValueError(f"group_size must be a positive integer or None, got {group_size!r}")
     _check_shapes(W, H)
     if group_size is None:
-        _check_grid(grid, W)
+        check_grid(grid, W)
     rows, cols = W.shape
     device = W.device
 
@@ -302,21 +282,6 @@ def gptq_quantize(
 # SparseGPT
 
 
-def _resolve_sparsity(sparsity, ms) -> float:
-    if ms.kind == "nm":
-        own = ms.fixed_sparsity
-        if sparsity is None:
-            return own
-        check_sparsity(sparsity)
-        if abs(sparsity - own) > 1e-9:
-            raise ValueError(f"sparsity={sparsity} contradicts mask_structure {ms} (which is {own:g} sparse)")
-        return own
-    if sparsity is None:
-        raise ValueError("sparsity is required for unstructured pruning")
-    check_sparsity(sparsity)
-    return float(sparsity)
-
-
 @torch.no_grad()
 def sparsegpt_prune(
     W: torch.Tensor,
@@ -345,11 +310,9 @@ def sparsegpt_prune(
     if ms.kind == "block":
         raise ValueError(f"sparsegpt supports 'unstructured' and 'N:M' masks, not {ms}; "
                          "use the exact solver for block masks")
-    sparsity = _resolve_sparsity(sparsity, ms)
+    sparsity = resolve_sparsity(sparsity, ms)
     if grid is not None:
-        if not isinstance(grid, QuantGrid):
-            raise ValueError(f"grid must be a QuantGrid or None, got {type(grid).__name__}")
-        _check_grid(grid, W)
+        check_grid(grid, W)
     perm = columns_last_perm(cols_in, columns_last, device=W.device)
     prep, Wp, U = _prepare_in_order(W, H, perm, damp)
     rows, cols = W.shape

@@ -139,12 +139,22 @@ class QuantGrid:
     def _check_shape(self, W: torch.Tensor) -> None:
         if W.dim() != 2:
             raise ValueError(f"grid expects a 2-D weight, got shape {tuple(W.shape)}")
-        if self.strategy != "tensor" and W.shape[0] != self.scale.shape[0]:
-            raise ValueError(f"grid fitted for {self.scale.shape[0]} rows, weight has {W.shape[0]}")
-        if self.g_idx is not None and self.g_idx.numel() != W.shape[1]:
-            raise ValueError(f"grid has a group index for {self.g_idx.numel()} columns, weight has {W.shape[1]}")
-        if self.strategy == "group" and self.g_idx is None and math.ceil(W.shape[1] / self.group_size) != self.scale.shape[1]:
-            raise ValueError(f"grid fitted for {self.scale.shape[1]} groups of {self.group_size}, weight has {W.shape[1]} columns")
+        rows, cols = W.shape
+        if self.scale.dim() != 2 or self.zero.shape != self.scale.shape:
+            raise ValueError(f"grid scale/zero must be 2-D of equal shape, got {tuple(self.scale.shape)} "
+                             f"and {tuple(self.zero.shape)}")
+        if self.strategy != "tensor" and self.scale.shape[0] != rows:
+            raise ValueError(f"grid fitted for {self.scale.shape[0]} rows, weight has {rows}")
+        if self.g_idx is not None:
+            if self.g_idx.numel() != cols:
+                raise ValueError(f"grid has a group index for {self.g_idx.numel()} columns, weight has {cols}")
+        elif self.strategy == "group":
+            if not self.group_size or math.ceil(cols / self.group_size) != self.scale.shape[1]:
+                raise ValueError(f"grid fitted for {self.scale.shape[1]} groups of {self.group_size}, "
+                                 f"weight has {cols} columns")
+        elif self.scale.shape[1] != 1:
+            raise ValueError(f"grid with strategy {self.strategy!r} must have one scale per row, "
+                             f"got shape {tuple(self.scale.shape)}")
 
     def encode(self, W: torch.Tensor) -> torch.Tensor:
         """Integer codes in 0..2^bits-1 (uint8) of the nearest grid points."""
@@ -165,3 +175,13 @@ class QuantGrid:
         g_idx = None if self.g_idx is None else self.g_idx.to(device)
         return QuantGrid(self.bits, self.scale.to(device), self.zero.to(device), self.symmetric, self.strategy,
                          self.group_size, self.mse, g_idx)
+
+
+def check_grid(grid, W: torch.Tensor) -> None:
+    """ValueError unless ``grid`` is a QuantGrid that fits W's rows, columns and groups."""
+    if not isinstance(grid, QuantGrid):
+        raise ValueError(f"grid must be a QuantGrid (see QuantGrid.fit), got {type(grid).__name__}")
+    try:
+        grid._check_shape(W)
+    except ValueError as e:
+        raise ValueError(f"grid does not fit W of shape {tuple(W.shape)}: {e}") from None

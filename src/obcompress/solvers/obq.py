@@ -15,16 +15,7 @@ import torch
 
 from ._common import SolverResult, layer_loss, prepare_layer
 from ._elimination import QuantPolicy, greedy_single, refit_on_support
-from .grid import QuantGrid
-
-
-def _check_grid(grid, W):
-    if not isinstance(grid, QuantGrid):
-        raise ValueError(f"grid must be a QuantGrid (QuantGrid.fit(W, bits, ...)), got {type(grid).__name__}")
-    try:
-        grid._check_shape(W)
-    except ValueError as e:
-        raise ValueError(f"grid does not fit W of shape {tuple(W.shape)}: {e}") from None
+from .grid import QuantGrid, check_grid
 
 
 def _check_mask(mask, W):
@@ -47,7 +38,7 @@ def obq_quantize(
     """Exact greedy OBQ of one layer on ``grid``; with ``mask`` (True = kept), joint OBC."""
     t0 = time.perf_counter()
     prep = prepare_layer(W, H, damp)
-    _check_grid(grid, W)
+    check_grid(grid, W)
     keep = _check_mask(mask, W)
     rows, cols = W.shape
     W0 = prep.W

@@ -23,6 +23,7 @@ from ._common import (
     num_pruned,
     parse_mask_structure,
     prepare_layer,
+    resolve_sparsity,
 )
 from ._elimination import PrunePolicy, block_trajectory, greedy_single, refit_on_support
 
@@ -167,10 +168,6 @@ def exact_obs_prune(
     dtype: torch.dtype = torch.float32,
 ) -> SolverResult:
     """ExactOBS pruning of one layer to ``sparsity`` (None for N:M: the structure's own level)."""
-    structure = parse_mask_structure(mask_structure)
-    if structure.kind != "nm":
-        if sparsity is None:
-            raise ValueError(f"sparsity is required for mask_structure {structure}")
-        check_sparsity(sparsity)
+    resolve_sparsity(sparsity, parse_mask_structure(mask_structure))
     db = exact_obs_database(W, H, mask_structure, columns_last=columns_last, damp=damp, dtype=dtype)
     return db.at(sparsity)

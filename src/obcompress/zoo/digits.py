@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from obcompress._cache import cache_dir
+
 # The split and the training recipe are part of the cache key: change them and the cached
 # weights are retrained instead of silently reused.
 SPLIT_SEED = 0
@@ -100,14 +102,6 @@ def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, batch_size: int
         correct += int((model(X[i : i + batch_size]).argmax(dim=1) == y[i : i + batch_size]).sum())
     model.train(was_training)
     return correct / X.shape[0]
-
-
-def cache_dir() -> Path:
-    env = os.environ.get("OBCOMPRESS_CACHE")
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return Path(xdg) / "obcompress" if xdg else Path.home() / ".cache" / "obcompress"
 
 
 def _cache_key() -> str:

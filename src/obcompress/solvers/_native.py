@@ -1,0 +1,110 @@
+"""The fused elimination-step kernel (``_kernel.c``), compiled on first use with the system C compiler.
+
+The kernel is built for this machine (``-O3 -march=native``) into the user cache directory, keyed
+by the source, the compiler and the CPU, and loaded with ctypes: no build step at install time and
+no Python C-API. Where no compiler is available, or with ``OBCOMPRESS_NATIVE=0``, ``kernel()``
+returns None and the solvers run their pure-torch step instead (the same arithmetic).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Optional
+
+from obcompress._cache import cache_dir
+
+_SOURCE = Path(__file__).with_name("_kernel.c")
+_FLAGS = ["-O3", "-shared", "-fPIC", "-std=c99"]
+_lib = None
+_tried = False
+
+_ARGTYPES = [
+    ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # R, m, S, k
+    ctypes.c_void_p, ctypes.c_int64,  # A, its row-chunk stride (0 while rows share H^-1)
+    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,  # U, w, diag, pen
+    ctypes.c_void_p, ctypes.c_void_p,  # alive, idx
+    ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_double,  # mode, scale, zero, maxq
+    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,  # gid, counts, G, ppg
+    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,  # order, loss, value, stride
+    ctypes.c_void_p,  # scratch
+]
+
+
+def _compiler() -> Optional[str]:
+    for cand in (os.environ.get("CC"), (sysconfig.get_config_var("CC") or "").split(" ")[0], "cc", "gcc", "clang"):
+        if cand and shutil.which(cand):
+            return shutil.which(cand)
+    return None
+
+
+def _cpu_signature() -> str:
+    # -march=native code must not be reused on another CPU sharing the cache (e.g. a network home).
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features", "model name")):
+                    flags += line
+    except OSError:
+        pass
+    return platform.machine() + platform.processor() + flags
+
+
+def _build(cc: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        errors = []
+        for arch in (["-march=native"], []):
+            cmd = [cc, *_FLAGS, *arch, str(_SOURCE), "-o", tmp, "-lm"]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode == 0:
+                os.replace(tmp, target)  # atomic: a concurrent process sees all of it or nothing
+                return
+            errors.append(proc.stderr.strip()[-500:])
+        raise RuntimeError(" / ".join(errors))
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def kernel():
+    """The loaded kernel library, or None (no compiler, build failed, or OBCOMPRESS_NATIVE=0)."""
+    global _lib, _tried
+    if os.environ.get("OBCOMPRESS_NATIVE", "1") == "0":
+        return None
+    if _tried:
+        return _lib
+    _tried = True
+    cc = _compiler()
+    if cc is None:
+        return None
+    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join([cc, *_FLAGS]).encode() + _cpu_signature().encode())
+    target = cache_dir() / "kernels" / f"obs_step-{key.hexdigest()[:16]}.so"
+    try:
+        if not target.exists():
+            _build(cc, target)
+        lib = ctypes.CDLL(str(target))
+        for name in ("obs_step_f32", "obs_step_f64"):
+            fn = getattr(lib, name)
+            fn.argtypes = _ARGTYPES
+            fn.restype = None
+        for name in ("compact_f32", "compact_f64"):
+            fn = getattr(lib, name)
+            fn.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+            fn.restype = None
+        _lib = lib
+    except (OSError, RuntimeError) as e:
+        warnings.warn(f"obcompress: fused solver kernel unavailable, using the torch path ({e})", stacklevel=2)
+        _lib = None
+    return _lib
