@@ -65,6 +65,9 @@ class Trajectory:
     order: torch.Tensor  # (rows, steps) int64
     losses: torch.Tensor  # (rows, steps) float64
     values: Optional[torch.Tensor] = None  # (rows, cols)
+    # Weights of the coordinates still alive when the run stopped (zero elsewhere): the re-fitted
+    # row for a run that stops early (N:M), in the loop's precision.
+    final: Optional[torch.Tensor] = None  # (rows, cols)
 
 
 def _with_identity_slots(M: torch.Tensor, extra: int) -> torch.Tensor:
@@ -92,10 +95,19 @@ def _support_index(sel: torch.Tensor):
     return torch.where(valid, idx, (d + pos).expand_as(idx)), valid
 
 
-def _sub_matrices(Ma: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Ma[idx_r][:, idx_r] for every row r: one flat gather, no (R, s, d) intermediate."""
-    n = Ma.shape[0]
-    flat = idx.unsqueeze(2) * n + idx.unsqueeze(1)
+def _sub_matrices(M: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """M[idx_r][:, idx_r] for every row r of ``idx``, identity where idx >= len(M) (padding)."""
+    n = M.shape[0]
+    R, s = idx.shape
+    lib = _native.kernel() if M.device.type == "cpu" and M.dtype in (torch.float32, torch.float64) else None
+    if lib is not None:
+        M, idx = M.contiguous(), idx.contiguous()
+        out = torch.empty(R, s, s, dtype=M.dtype)
+        gather = lib.gather_sub_f32 if M.dtype == torch.float32 else lib.gather_sub_f64
+        gather(R, n, s, M.data_ptr(), idx.data_ptr(), out.data_ptr())
+        return out
+    Ma = _with_identity_slots(M, s)
+    flat = idx.unsqueeze(2) * (n + s) + idx.unsqueeze(1)
     return Ma.reshape(-1)[flat]
 
 
@@ -113,7 +125,7 @@ def support_inverses(H: torch.Tensor, keep: torch.Tensor):
     with index 0 and valid False. Raises ValueError if some H_SS is not positive definite.
     """
     idx, valid = _support_index(keep)
-    L = _factor(_sub_matrices(_with_identity_slots(H, idx.shape[1]), idx), "H restricted to a row's kept weights")
+    L = _factor(_sub_matrices(H, idx), "H restricted to a row's kept weights")
     return torch.cholesky_inverse(L), torch.where(valid, idx, torch.zeros_like(idx)), valid
 
 
@@ -146,7 +158,7 @@ def refit_on_support(W: torch.Tensor, H: torch.Tensor, Hinv: torch.Tensor, keep:
                     continue
                 idx, _ = _support_index(P)
                 e = idx.shape[1]
-                L = _factor(_sub_matrices(_with_identity_slots(Hinv, e), idx), "H^-1 restricted to the pruned weights")
+                L = _factor(_sub_matrices(Hinv, idx), "H^-1 restricted to the pruned weights")
                 rhs = torch.gather(F.pad(w0, (0, e)), 1, idx)
                 z = torch.cholesky_solve(rhs.unsqueeze(2), L).squeeze(2)
                 za = W.new_zeros(len(sel), d + e).scatter_(1, idx, z)
@@ -155,7 +167,7 @@ def refit_on_support(W: torch.Tensor, H: torch.Tensor, Hinv: torch.Tensor, keep:
                 keep_s = keep[sel]
                 idx, _ = _support_index(keep_s)
                 e = idx.shape[1]
-                L = _factor(_sub_matrices(_with_identity_slots(H, e), idx), "H restricted to a row's kept weights")
+                L = _factor(_sub_matrices(H, idx), "H restricted to a row's kept weights")
                 g = F.pad((w0 * (~keep_s)) @ H, (0, e))
                 z = torch.cholesky_solve(torch.gather(g, 1, idx).unsqueeze(2), L).squeeze(2)
                 # Padding slots point past column d and are dropped.
@@ -284,7 +296,7 @@ def _start_chunk(W64, H64, Hinv64, rows, keep, dtype, extras, slots=FLUSH_EVERY,
 
 
 def greedy_single(W64, H64, Hinv64, policy, *, keep=None, dtype=torch.float32, extras=None,
-                  max_steps=None, record_values=False):
+                  max_steps=None, record_values=False, record_final=False):
     """Run the greedy one-coordinate-at-a-time elimination on every row.
 
     ``policy`` provides ``scores(chunk)`` (R, m) including ``chunk.pen``, ``choose(chunk, scores)``
@@ -298,6 +310,7 @@ def greedy_single(W64, H64, Hinv64, policy, *, keep=None, dtype=torch.float32, e
     order = torch.full((R, steps_total), -1, dtype=torch.int64, device=W64.device)
     losses = torch.zeros(R, steps_total, dtype=torch.float64, device=W64.device)
     values = torch.zeros(R, d, dtype=torch.float64, device=W64.device) if record_values else None
+    final = torch.zeros(R, d, dtype=torch.float64, device=W64.device) if record_final else None
     itemsize = torch.tensor([], dtype=dtype).element_size()
     if keep is not None:
         # Similar support sizes in one chunk keep the padding small.
@@ -363,7 +376,11 @@ def greedy_single(W64, H64, Hinv64, policy, *, keep=None, dtype=torch.float32, e
                 first = torch.where(order_c == 0, vals_c, 0).sum(1)
                 sub[:, 0] = first
             values[rows] = sub
-    return Trajectory(order=order, losses=losses, values=values)
+        if record_final:
+            # Adding (not writing): padding coordinates alias column 0 and carry zeros.
+            alive_w = torch.where(ch.alive, ch.w, torch.zeros((), dtype=ch.w.dtype)).double()
+            final[rows] = torch.zeros(n, d, dtype=torch.float64, device=W64.device).scatter_add_(1, ch.idx, alive_w)
+    return Trajectory(order=order, losses=losses, values=values, final=final)
 
 
 def _ptr(t: Optional[torch.Tensor]) -> int:

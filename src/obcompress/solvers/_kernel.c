@@ -112,3 +112,27 @@ void NAME(int64_t R, int64_t m, int64_t m_new, REAL *A, const int64_t *sel)     
 
 DEFINE_COMPACT(compact_f32, float)
 DEFINE_COMPACT(compact_f64, double)
+
+/* out[r] = M[idx_r][:, idx_r] for a shared M (n x n): an index of n or more marks padding, which
+ * gets an identity row and column. The batched Cholesky re-fit of pruned rows reads these. */
+#define DEFINE_GATHER(NAME, REAL)                                                                   \
+void NAME(int64_t R, int64_t n, int64_t s, const REAL *M, const int64_t *idx, REAL *out)           \
+{                                                                                                   \
+    for (int64_t r = 0; r < R; r++) {                                                               \
+        const int64_t *ir = idx + r * s;                                                            \
+        REAL *o = out + r * s * s;                                                                  \
+        for (int64_t i = 0; i < s; i++) {                                                           \
+            REAL *orow = o + i * s;                                                                 \
+            if (ir[i] >= n) {                                                                       \
+                for (int64_t j = 0; j < s; j++) orow[j] = 0;                                        \
+                orow[i] = 1;                                                                        \
+                continue;                                                                           \
+            }                                                                                       \
+            const REAL *mrow = M + ir[i] * n;                                                       \
+            for (int64_t j = 0; j < s; j++) orow[j] = ir[j] < n ? mrow[ir[j]] : 0;                  \
+        }                                                                                           \
+    }                                                                                               \
+}
+
+DEFINE_GATHER(gather_sub_f32, float)
+DEFINE_GATHER(gather_sub_f64, double)

@@ -43,6 +43,9 @@ class ObsDatabase:
     _Hp: torch.Tensor = None
     _Hinvp: torch.Tensor = None
     _perm: Optional[torch.Tensor] = None
+    # N:M: the row weights at the end of the run (it stops exactly at the structure's level), so
+    # assembling that level needs no re-fit.
+    _final: Optional[torch.Tensor] = None
 
     @property
     def nbytes(self) -> int:
@@ -93,8 +96,11 @@ class ObsDatabase:
         """The compressed layer at ``sparsity``: mask, least-squares re-fitted weights, exact loss."""
         t0 = time.perf_counter()
         keep = self.mask(sparsity)
-        Wn = refit_on_support(self._Wp, self._Hp, self._Hinvp, keep)
         counts = self.steps_per_row(sparsity)
+        if self._final is not None and bool((counts == self.order.shape[1]).all()):
+            Wn = self._final
+        else:
+            Wn = refit_on_support(self._Wp, self._Hp, self._Hinvp, keep)
         steps = self.order.shape[1]
         taken = torch.arange(steps, device=counts.device)[None, :] < counts[:, None]
         predicted = float(self.losses[taken & (self.order >= 0)].double().sum())
@@ -142,7 +148,8 @@ def exact_obs_database(
         traj = block_trajectory(Wp, Hinvp, structure.block, dtype=dtype)
     else:
         steps = cols * structure.pruned_per_group // structure.m if structure.kind == "nm" else None
-        traj = greedy_single(Wp, Hp, Hinvp, PrunePolicy(structure), dtype=dtype, max_steps=steps)
+        traj = greedy_single(Wp, Hp, Hinvp, PrunePolicy(structure), dtype=dtype, max_steps=steps,
+                             record_final=structure.kind == "nm")
     return ObsDatabase(
         structure=structure,
         order=traj.order.to(torch.int32),
@@ -155,6 +162,7 @@ def exact_obs_database(
         _Hp=Hp,
         _Hinvp=Hinvp,
         _perm=perm,
+        _final=traj.final if structure.kind == "nm" else None,
     )
 
 
