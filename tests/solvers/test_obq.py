@@ -8,6 +8,11 @@ from obcompress.solvers.obq import obq_quantize
 from obcompress.solvers.obs import exact_obs_prune
 from reference_obs import correlated_problem, obs_row, quant_chooser
 
+
+@pytest.fixture(autouse=True)
+def _both_engines(engine):
+    return engine
+
 COLS = 72
 
 

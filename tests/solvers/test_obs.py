@@ -10,6 +10,11 @@ from reference_obs import block_row, correlated_problem, obs_row, prune_chooser
 
 # Columns above the flush interval (32) and enough eliminations to trigger compaction, so the
 # delayed updates and the compaction are both exercised against the reference.
+
+@pytest.fixture(autouse=True)
+def _both_engines(engine):
+    return engine
+
 COLS = 72
 
 
@@ -212,3 +217,17 @@ def test_bad_tensors():
         exact_obs_prune(W, 2 * torch.ones(8, 8, dtype=torch.float64) - torch.eye(8, dtype=torch.float64), 0.5, damp=0)
     with pytest.raises(ValueError, match="empty"):
         exact_obs_prune(torch.zeros(0, 8), H, 0.5)
+
+
+@pytest.mark.parametrize("cond_scale", [1.0, 1e-4])
+def test_mixed_precision_refit_matches_float64(cond_scale):
+    # float32 factors refined to float64 accuracy, or (ill-conditioned) the float64 fallback.
+    W, H = correlated_problem(6, 40, seed=18)
+    evals, evecs = torch.linalg.eigh(H)
+    H = (evecs * torch.linspace(cond_scale, 1.0, 40, dtype=torch.float64)) @ evecs.T * evals.max()
+    g = torch.Generator().manual_seed(1)
+    keep = torch.rand(6, 40, generator=g) > torch.linspace(0.2, 0.8, 6)[:, None]
+    Hinv = torch.linalg.inv(H)
+    exact = refit_on_support(W, H, Hinv, keep)
+    fast = refit_on_support(W, H, Hinv, keep, fast=True)
+    torch.testing.assert_close(fast, exact, rtol=1e-8, atol=1e-10)

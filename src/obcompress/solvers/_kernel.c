@@ -136,3 +136,97 @@ void NAME(int64_t R, int64_t n, int64_t s, const REAL *M, const int64_t *idx, RE
 
 DEFINE_GATHER(gather_sub_f32, float)
 DEFINE_GATHER(gather_sub_f64, double)
+
+/* One greedy step of block pruning (blocks of c consecutive compact coordinates) for every row.
+ * dblk [R][m/c][c][c] holds the current diagonal c x c blocks of H^-1 and is kept current here.
+ * Block b costs 1/2 w_b D_b^-1 w_b^T; removing it is the block OBS step: with L L^T = D_b the c
+ * new pending vectors are V = L^-1 H^-1[b, :], and w -= (L^-1 w_b)^T V. c is at most 16. */
+#define DEFINE_BLOCK(NAME, REAL, SQRT)                                                              \
+void NAME(int64_t R, int64_t m, int64_t S, int64_t k, int64_t c, const REAL *A, int64_t astride,    \
+          REAL *U, REAL *w, REAL *dblk, uint8_t *alive, const int64_t *idx, int64_t *order_out,     \
+          double *loss_out, int64_t ostride, REAL *scratch)                                         \
+{                                                                                                   \
+    const int64_t nb = m / c;                                                                       \
+    for (int64_t r = 0; r < R; r++) {                                                               \
+        REAL *wr = w + r * m, *Dr = dblk + r * nb * c * c, *Ur = U + r * S * m;                     \
+        uint8_t *ar = alive + r * m;                                                                \
+        REAL L[256], y[16];                                                                         \
+        int64_t best_b = -1;                                                                        \
+        double best = INFINITY;                                                                     \
+        for (int64_t b = 0; b < nb; b++) {                                                          \
+            if (!ar[b * c]) continue;                                                               \
+            const REAL *D = Dr + b * c * c, *wb = wr + b * c;                                       \
+            int ok = 1;                                                                             \
+            double sc = 0;                                                                          \
+            for (int64_t i = 0; i < c && ok; i++) {                                                 \
+                for (int64_t j = 0; j <= i; j++) {                                                  \
+                    REAL v = D[i * c + j];                                                          \
+                    for (int64_t l = 0; l < j; l++) v -= L[i * c + l] * L[j * c + l];               \
+                    if (i == j) { if (!(v > 0)) { ok = 0; break; } L[i * c + i] = SQRT(v); }        \
+                    else L[i * c + j] = v / L[j * c + j];                                           \
+                }                                                                                   \
+                if (!ok) break;                                                                     \
+                REAL v = wb[i];                                                                     \
+                for (int64_t l = 0; l < i; l++) v -= L[i * c + l] * y[l];                           \
+                y[i] = v / L[i * c + i];                                                            \
+                sc += (double)y[i] * y[i];                                                          \
+            }                                                                                       \
+            if (ok && sc < best) { best = sc; best_b = b; }                                         \
+        }                                                                                           \
+        REAL *V = scratch + r * c * m;                                                              \
+        if (best_b < 0) {                                                                           \
+            memset(Ur + k * m, 0, (size_t)(c * m) * sizeof(REAL));                                  \
+            order_out[r * ostride] = -1; loss_out[r * ostride] = 0;                                 \
+            continue;                                                                               \
+        }                                                                                           \
+        const int64_t b0 = best_b * c;                                                              \
+        /* the block's rows of the current H^-1: stored rows minus the pending part */             \
+        for (int64_t t = 0; t < c; t++) {                                                           \
+            REAL *col = V + t * m;                                                                  \
+            memcpy(col, A + r * astride + (b0 + t) * m, (size_t)m * sizeof(REAL));                  \
+            for (int64_t i = 0; i < k; i++) {                                                       \
+                const REAL *ui = Ur + i * m;                                                        \
+                REAL cf = ui[b0 + t];                                                               \
+                for (int64_t j = 0; j < m; j++) col[j] -= cf * ui[j];                               \
+            }                                                                                       \
+        }                                                                                           \
+        /* L L^T = D from the fresh rows, then V = L^-1 rows and y = L^-1 w_b in place */          \
+        for (int64_t i = 0; i < c; i++)                                                             \
+            for (int64_t j = 0; j <= i; j++) {                                                      \
+                REAL v = V[i * m + b0 + j];                                                         \
+                for (int64_t l = 0; l < j; l++) v -= L[i * c + l] * L[j * c + l];                   \
+                L[i * c + j] = (i == j) ? SQRT(v > 0 ? v : (REAL)1e-30) : v / L[j * c + j];         \
+            }                                                                                       \
+        double loss = 0;                                                                            \
+        for (int64_t i = 0; i < c; i++) {                                                           \
+            REAL *vi = V + i * m;                                                                   \
+            for (int64_t l = 0; l < i; l++) {                                                       \
+                const REAL *vl = V + l * m; REAL f = L[i * c + l];                                  \
+                for (int64_t j = 0; j < m; j++) vi[j] -= f * vl[j];                                 \
+            }                                                                                       \
+            REAL inv = (REAL)1 / L[i * c + i];                                                      \
+            for (int64_t j = 0; j < m; j++) vi[j] *= inv;                                           \
+            REAL v = wr[b0 + i];                                                                    \
+            for (int64_t l = 0; l < i; l++) v -= L[i * c + l] * y[l];                               \
+            y[i] = v * inv;                                                                         \
+            loss += (double)y[i] * y[i];                                                            \
+        }                                                                                           \
+        /* re-fit the row, queue the c vectors, keep the diagonal blocks current */                \
+        for (int64_t i = 0; i < c; i++) {                                                           \
+            const REAL *vi = V + i * m; REAL yi = y[i];                                             \
+            REAL *uk = Ur + (k + i) * m;                                                            \
+            for (int64_t j = 0; j < m; j++) { wr[j] -= yi * vi[j]; uk[j] = vi[j]; }                 \
+            for (int64_t b = 0; b < nb; b++) {                                                      \
+                const REAL *vb = vi + b * c; REAL *D = Dr + b * c * c;                              \
+                for (int64_t p = 0; p < c; p++)                                                     \
+                    for (int64_t q = 0; q < c; q++) D[p * c + q] -= vb[p] * vb[q];                  \
+            }                                                                                       \
+        }                                                                                           \
+        for (int64_t i = 0; i < c; i++) { wr[b0 + i] = 0; ar[b0 + i] = 0; }                         \
+        order_out[r * ostride] = idx[r * m + b0] / c;                                               \
+        loss_out[r * ostride] = 0.5 * loss;                                                         \
+    }                                                                                               \
+}
+
+DEFINE_BLOCK(block_step_f32, float, sqrtf)
+DEFINE_BLOCK(block_step_f64, double, sqrt)

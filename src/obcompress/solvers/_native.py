@@ -99,6 +99,11 @@ def kernel():
             fn = getattr(lib, name)
             fn.argtypes = _ARGTYPES
             fn.restype = None
+        for name in ("block_step_f32", "block_step_f64"):
+            fn = getattr(lib, name)
+            fn.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 7 + [
+                ctypes.c_int64, ctypes.c_void_p]
+            fn.restype = None
         for name in ("gather_sub_f32", "gather_sub_f64"):
             fn = getattr(lib, name)
             fn.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,

@@ -39,6 +39,7 @@ class ObsDatabase:
     H: torch.Tensor  # the H given (undamped), caller's column order
     damp: float
     seconds: float
+    dtype: torch.dtype  # precision of the elimination loop (float32 also re-fits in mixed precision)
     _Wp: torch.Tensor = None  # prepared float64 weight in solver column order
     _Hp: torch.Tensor = None
     _Hinvp: torch.Tensor = None
@@ -100,7 +101,7 @@ class ObsDatabase:
         if self._final is not None and bool((counts == self.order.shape[1]).all()):
             Wn = self._final
         else:
-            Wn = refit_on_support(self._Wp, self._Hp, self._Hinvp, keep)
+            Wn = refit_on_support(self._Wp, self._Hp, self._Hinvp, keep, fast=self.dtype == torch.float32)
         steps = self.order.shape[1]
         taken = torch.arange(steps, device=counts.device)[None, :] < counts[:, None]
         predicted = float(self.losses[taken & (self.order >= 0)].double().sum())
@@ -158,6 +159,7 @@ def exact_obs_database(
         H=H.detach(),
         damp=prep.damp,
         seconds=time.perf_counter() - t0,
+        dtype=dtype,
         _Wp=Wp,
         _Hp=Hp,
         _Hinvp=Hinvp,
