@@ -90,10 +90,21 @@ def kernel():
     if cc is None:
         return None
     key = hashlib.sha256(_SOURCE.read_bytes() + " ".join([cc, *_FLAGS]).encode() + _cpu_signature().encode())
-    target = cache_dir() / "kernels" / f"obs_step-{key.hexdigest()[:16]}.so"
+    name = f"obs_step-{key.hexdigest()[:16]}.so"
+    # A read-only home (some CI runners) falls back to the temporary directory.
+    places = [cache_dir() / "kernels", Path(tempfile.gettempdir()) / "obcompress-kernels"]
     try:
-        if not target.exists():
-            _build(cc, target)
+        target = next((p / name for p in places if (p / name).exists()), None)
+        if target is None:
+            for place in places:
+                try:
+                    target = place / name
+                    _build(cc, target)
+                    break
+                except OSError:
+                    target = None
+            if target is None:
+                raise OSError(f"no writable directory for the kernel among {[str(p) for p in places]}")
         lib = ctypes.CDLL(str(target))
         for name in ("obs_step_f32", "obs_step_f64"):
             fn = getattr(lib, name)
