@@ -189,6 +189,15 @@ def resolve_sparsity(sparsity: Optional[float], ms: MaskStructure) -> float:
     return float(sparsity)
 
 
+def undo_column_perm(X: torch.Tensor, perm: Optional[torch.Tensor]) -> torch.Tensor:
+    """X computed on columns ``X_orig[:, perm]``, put back in the original column order."""
+    if perm is None:
+        return X
+    out = torch.empty_like(X)
+    out[:, perm] = X
+    return out
+
+
 @dataclass
 class PreparedLayer:
     W: torch.Tensor  # float64 copy of W with dead columns zeroed

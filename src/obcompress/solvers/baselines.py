@@ -20,6 +20,7 @@ from ._common import (
     num_pruned,
     parse_mask_structure,
     resolve_sparsity,
+    undo_column_perm,
 )
 from .grid import QuantGrid, check_grid
 
@@ -75,11 +76,7 @@ def magnitude_prune(
             kb[_smallest_first(norms)[:k]] = False
             keep = kb.reshape(rows, -1, 1).expand(rows, cols // ms.block, ms.block)
         keep = keep.reshape(rows, cols)
-        if perm is None:
-            mask = keep
-        else:
-            mask = torch.empty_like(keep)
-            mask[:, perm] = keep
+        mask = undo_column_perm(keep, perm)
 
     weight = W.detach().masked_fill(~mask, 0)
     loss = layer_loss(W, weight, H) if H is not None else float("nan")

@@ -31,6 +31,7 @@ from ._common import (
     parse_mask_structure,
     prepare_layer,
     resolve_sparsity,
+    undo_column_perm,
 )
 from .grid import QuantGrid, check_grid, minmax_params
 
@@ -258,12 +259,7 @@ def gptq_quantize(
         out_grid = QuantGrid(grid.bits, torch.stack(scales, 1), torch.stack(zeros, 1), grid.symmetric,
                              "group", group_size, grid.mse, g_idx)
 
-    Q = QT.t()
-    if perm is not None:
-        Qn = torch.empty_like(Q)
-        Qn[:, perm] = Q
-        Q = Qn
-    Q = _finish_quantized(Q.contiguous(), out_grid, dtype)
+    Q = _finish_quantized(undo_column_perm(QT.t(), perm).contiguous(), out_grid, dtype)
     weight = Q.to(W.dtype)
     seconds = time.perf_counter() - t0
     return SolverResult(
@@ -380,12 +376,7 @@ def sparsegpt_prune(
         Q = _finish_quantized(QT.t().contiguous(), grid, dtype).masked_fill_(~mask, 0)
     else:
         Q = WT.t().masked_fill(~mask, 0)
-    if perm is not None:
-        Qn = torch.empty_like(Q)
-        Qn[:, perm] = Q
-        mn = torch.empty_like(mask)
-        mn[:, perm] = mask
-        Q, mask = Qn, mn
+    Q, mask = undo_column_perm(Q, perm), undo_column_perm(mask, perm)
     weight = Q.to(W.dtype).contiguous()
     mask = mask.contiguous()
     seconds = time.perf_counter() - t0

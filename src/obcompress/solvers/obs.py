@@ -24,6 +24,7 @@ from ._common import (
     parse_mask_structure,
     prepare_layer,
     resolve_sparsity,
+    undo_column_perm,
 )
 from ._elimination import PrunePolicy, block_trajectory, greedy_single, refit_on_support
 
@@ -105,10 +106,7 @@ class ObsDatabase:
         steps = self.order.shape[1]
         taken = torch.arange(steps, device=counts.device)[None, :] < counts[:, None]
         predicted = float(self.losses[taken & (self.order >= 0)].double().sum())
-        if self._perm is not None:
-            inv = torch.argsort(self._perm)
-            Wn = Wn[:, inv]
-            keep = keep[:, inv]
+        Wn, keep = undo_column_perm(Wn, self._perm), undo_column_perm(keep, self._perm)
         weight = Wn.to(self.W.dtype)
         return SolverResult(
             weight=weight,
