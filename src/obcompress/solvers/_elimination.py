@@ -118,15 +118,17 @@ def _factor(M: torch.Tensor, what: str) -> torch.Tensor:
     return L
 
 
-def support_inverses(H: torch.Tensor, keep: torch.Tensor):
+def support_inverses(H: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype = torch.float64):
     """Per-row inverse of H restricted to each row's support, padded to the largest support.
 
-    Returns (Ainv (R, s, s), idx (R, s), valid (R, s)); padding entries are identity rows/cols
-    with index 0 and valid False. Raises ValueError if some H_SS is not positive definite.
+    Returns (Ainv (R, s, s) in ``dtype``, idx (R, s), valid (R, s)); padding entries are identity
+    rows/cols with index 0 and valid False. The factor is always float64; for a float32 loop the
+    inverse is formed from it in float32 (the loop's precision, at half the cost).
+    Raises ValueError if some H_SS is not positive definite.
     """
     idx, valid = _support_index(keep)
     L = _factor(_sub_matrices(H, idx), "H restricted to a row's kept weights")
-    return torch.cholesky_inverse(L), torch.where(valid, idx, torch.zeros_like(idx)), valid
+    return torch.cholesky_inverse(L.to(dtype)), torch.where(valid, idx, torch.zeros_like(idx)), valid
 
 
 def _apply_sub(X: torch.Tensor, idx: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -319,8 +321,7 @@ def _start_chunk(W64, H64, Hinv64, rows, keep, dtype, extras, slots=FLUSH_EVERY,
         alive = torch.ones(R, d, dtype=torch.bool, device=W64.device)
         w = w0.to(dtype)
     else:
-        A64, idx, alive = support_inverses(H64, keep[rows])
-        A = A64.to(dtype)
+        A, idx, alive = support_inverses(H64, keep[rows], dtype)
         w = torch.gather(w0, 1, idx).to(dtype)
         w = torch.where(alive, w, torch.zeros((), dtype=dtype))
     ex = {name: torch.gather(t[rows], 1, idx) for name, t in extras.items()}

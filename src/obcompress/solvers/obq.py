@@ -44,7 +44,7 @@ def obq_quantize(
     W0 = prep.W
     prune_loss = 0.0
     if keep is not None:
-        W0 = refit_on_support(W0, prep.H, prep.Hinv, keep)
+        W0 = refit_on_support(W0, prep.H, prep.Hinv, keep, fast=dtype == torch.float32)
         # The re-fit is the H-projection onto the support, so the losses of the two stages add up.
         prune_loss = layer_loss(prep.W, W0, prep.H)
     scale, zero = grid.expand(rows, cols)
