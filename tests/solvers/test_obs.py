@@ -231,3 +231,24 @@ def test_mixed_precision_refit_matches_float64(cond_scale):
     exact = refit_on_support(W, H, Hinv, keep)
     fast = refit_on_support(W, H, Hinv, keep, fast=True)
     torch.testing.assert_close(fast, exact, rtol=1e-8, atol=1e-10)
+
+
+def test_chunks_on_several_threads_give_the_same_result(monkeypatch):
+    # Small chunks force several of them; with 2 torch threads they run concurrently.
+    import obcompress.solvers._elimination as E
+
+    W, H = correlated_problem(12, COLS, seed=19, dtype=torch.float32)
+    one = exact_obs_database(W, H, damp=0)
+    monkeypatch.setattr(E, "CHUNK_BYTES_NATIVE", 3 * COLS * COLS * 4)
+    monkeypatch.setattr(E, "CHUNK_ELEMS_TORCH", 3 * COLS)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        many = exact_obs_database(W, H, damp=0)
+        blocks = exact_obs_database(W, H, mask_structure="block:4", damp=0)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads
+    assert torch.equal(one.order, many.order)
+    torch.testing.assert_close(one.losses, many.losses)
+    assert torch.equal(blocks.order, exact_obs_database(W, H, mask_structure="block:4", damp=0).order)

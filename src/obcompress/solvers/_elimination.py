@@ -19,6 +19,8 @@ cols^3. Rows are batched in chunks and every operation inside a step is vectoris
 from __future__ import annotations
 
 import math
+import queue
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
@@ -328,6 +330,45 @@ def _start_chunk(W64, H64, Hinv64, rows, keep, dtype, extras, slots=FLUSH_EVERY,
     return _Chunk(A, w, idx, alive, ex, slots, buffers, lib)
 
 
+def _for_chunks(chunks, run, buffer_elems, dtype, device, parallel):
+    """Call ``run(rows, buffers)`` for every chunk of rows.
+
+    With the fused kernel, chunks are independent and both the kernel calls and torch's GEMMs
+    release the GIL: on a machine with several cores the chunks then run on as many Python threads
+    as torch would use, each single-threaded with its own buffers (a chunk's GEMMs are too small
+    to share well), and torch's thread count is restored afterwards.
+    """
+    workers = min(torch.get_num_threads(), len(chunks)) if parallel else 1
+
+    def make_buffers():
+        return (torch.empty(buffer_elems, dtype=dtype, device=device),
+                torch.empty(buffer_elems, dtype=dtype, device=device))
+
+    if workers <= 1:
+        buffers = make_buffers()
+        for rows in chunks:
+            run(rows, buffers)
+        return
+    pool = queue.SimpleQueue()
+    for _ in range(workers):
+        pool.put(make_buffers())
+
+    def task(rows):
+        buffers = pool.get()
+        try:
+            run(rows, buffers)
+        finally:
+            pool.put(buffers)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as ex:
+            list(ex.map(task, chunks))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def greedy_single(W64, H64, Hinv64, policy, *, keep=None, dtype=torch.float32, extras=None,
                   max_steps=None, record_values=False, record_final=False):
     """Run the greedy one-coordinate-at-a-time elimination on every row.
@@ -353,12 +394,11 @@ def greedy_single(W64, H64, Hinv64, policy, *, keep=None, dtype=torch.float32, e
     lib = _native.kernel() if W64.device.type == "cpu" and dtype in (torch.float32, torch.float64) else None
     per = _rows_per_chunk(d, itemsize, R, native=lib is not None)
     tiny = torch.finfo(dtype).tiny
-    buffers = (torch.empty(per * d * d, dtype=dtype, device=W64.device),
-               torch.empty(per * d * d, dtype=dtype, device=W64.device))
-    for start in range(0, R, per):
-        rows = row_order[start:start + per]
-        if keep is not None and not bool(keep[rows].any()):
-            continue
+    chunks = [row_order[start:start + per] for start in range(0, R, per)]
+    if keep is not None:
+        chunks = [rows for rows in chunks if bool(keep[rows].any())]
+
+    def run(rows, buffers):
         ch = _start_chunk(W64, H64, Hinv64, rows, keep, dtype, extras, buffers=buffers, lib=lib)
         counts = ch.alive.sum(1)
         n_steps = min(int(counts.max()), steps_total)
@@ -413,6 +453,8 @@ def greedy_single(W64, H64, Hinv64, policy, *, keep=None, dtype=torch.float32, e
             # Adding (not writing): padding coordinates alias column 0 and carry zeros.
             alive_w = torch.where(ch.alive, ch.w, torch.zeros((), dtype=ch.w.dtype)).double()
             final[rows] = torch.zeros(n, d, dtype=torch.float64, device=W64.device).scatter_add_(1, ch.idx, alive_w)
+
+    _for_chunks(chunks, run, per * d * d, dtype, W64.device, parallel=lib is not None)
     return Trajectory(order=order, losses=losses, values=values, final=final)
 
 
@@ -452,7 +494,10 @@ def _native_steps(lib, ch, policy, n_steps, order_c, loss_c, vals_c):
 
 
 class PrunePolicy:
-    """ExactOBS pruning: the cheapest weight w_p^2 / Hinv_pp, optionally within N:M groups."""
+    """ExactOBS pruning: the cheapest weight w_p^2 / Hinv_pp, optionally within N:M groups.
+
+    Per-chunk state lives on the chunk, so that chunks can run concurrently.
+    """
 
     def __init__(self, structure: MaskStructure):
         self.structure = structure
@@ -463,9 +508,9 @@ class PrunePolicy:
             R = ch.w.shape[0]
             d = int(ch.idx.max()) + 1
             m = self.structure.m
-            self.counts = torch.zeros(R, (d + m - 1) // m, dtype=torch.int32, device=ch.w.device)
+            ch.group_counts = torch.zeros(R, (d + m - 1) // m, dtype=torch.int32, device=ch.w.device)
             ch.extras["gid"] = (ch.idx // m).to(torch.int32)
-        self.zero = torch.zeros(ch.w.shape[0], dtype=ch.w.dtype, device=ch.w.device)
+        ch.zero_targets = torch.zeros(ch.w.shape[0], dtype=ch.w.dtype, device=ch.w.device)
 
     def scores(self, ch):
         return torch.addcdiv(ch.pen, ch.w * ch.w, ch.diag)
@@ -474,19 +519,20 @@ class PrunePolicy:
         return torch.argmin(scores, dim=1)
 
     def target(self, ch, p):
-        return self.zero
+        return ch.zero_targets
 
     def native(self, ch):
         if self.nm:
-            return 0, None, None, 0.0, ch.extras["gid"], self.counts, self.counts.shape[1], self.structure.pruned_per_group
+            counts = ch.group_counts
+            return 0, None, None, 0.0, ch.extras["gid"], counts, counts.shape[1], self.structure.pruned_per_group
         return 0, None, None, 0.0, None, None, 0, 0
 
     def eliminated(self, ch, p):
         if self.nm:
             gid = ch.extras["gid"]
             g = gid[ch.ar, p].long()
-            self.counts[ch.ar, g] += 1
-            full = self.counts[ch.ar, g] >= self.structure.pruned_per_group
+            ch.group_counts[ch.ar, g] += 1
+            full = ch.group_counts[ch.ar, g] >= self.structure.pruned_per_group
             if bool(full.any()):
                 # The group is done: its remaining weights are kept, no longer candidates.
                 ch.pen.masked_fill_((gid == g.unsqueeze(1)) & full.unsqueeze(1), float("inf"))
@@ -510,23 +556,22 @@ class QuantPolicy:
         s, z = ch.extras["scale"], ch.extras["zero"]
         raw = torch.round(ch.w / s).add_(z)
         code = raw.clamp(0, self.maxq)
-        self._q = (code - z).mul_(s)
-        err = (ch.w - self._q).square_()
-        self._err = err
-        self._clamped = torch.ne(raw, code).logical_and_(ch.alive)
-        return torch.addcdiv(ch.pen, err, ch.diag)
+        ch.q = (code - z).mul_(s)
+        ch.q_err = (ch.w - ch.q).square_()
+        ch.q_clamped = torch.ne(raw, code).logical_and_(ch.alive)
+        return torch.addcdiv(ch.pen, ch.q_err, ch.diag)
 
     def choose(self, ch, scores):
         p = torch.argmin(scores, dim=1)
-        out = self._clamped
+        out = ch.q_clamped
         if bool(out.any()):
             has = out.any(1)
-            worst = torch.argmax(torch.where(out, self._err, torch.full_like(self._err, -1.0)), dim=1)
+            worst = torch.argmax(torch.where(out, ch.q_err, torch.full_like(ch.q_err, -1.0)), dim=1)
             p = torch.where(has, worst, p)
         return p
 
     def target(self, ch, p):
-        return self._q[ch.ar, p]
+        return ch.q[ch.ar, p]
 
     def native(self, ch):
         return 1, ch.extras["scale"], ch.extras["zero"], float(self.maxq), None, None, 0, 0
@@ -550,10 +595,9 @@ def block_trajectory(W64, Hinv64, block: int, dtype=torch.float32) -> Trajectory
     native_ok = W64.device.type == "cpu" and dtype in (torch.float32, torch.float64) and c <= 16
     lib = _native.kernel() if native_ok else None
     per = _rows_per_chunk(d, itemsize, R, native=lib is not None)
-    buffers = (torch.empty(per * d * d, dtype=dtype, device=W64.device),
-               torch.empty(per * d * d, dtype=dtype, device=W64.device))
-    for start in range(0, R, per):
-        rows = torch.arange(start, min(R, start + per), device=W64.device)
+    chunks = [torch.arange(start, min(R, start + per), device=W64.device) for start in range(0, R, per)]
+
+    def run(rows, buffers):
         ch = _start_chunk(W64, None, Hinv64, rows, None, dtype, {}, slots=max(FLUSH_EVERY, c), buffers=buffers,
                           lib=lib)
         n = rows.numel()
@@ -562,7 +606,7 @@ def block_trajectory(W64, Hinv64, block: int, dtype=torch.float32) -> Trajectory
         within = torch.arange(c, device=W64.device)
         if lib is not None:
             order[rows], losses[rows] = _native_block_steps(lib, ch, c, nb, dblk)
-            continue
+            return
         for step in range(nb):
             m = ch.m
             nbc = m // c
@@ -594,6 +638,8 @@ def block_trajectory(W64, Hinv64, block: int, dtype=torch.float32) -> Trajectory
             if ch.k + c > ch.slots:
                 ch.flush()
                 dblk = _diag_blocks(ch.A, c)
+
+    _for_chunks(chunks, run, per * d * d, dtype, W64.device, parallel=lib is not None)
     return Trajectory(order=order, losses=losses)
 
 
