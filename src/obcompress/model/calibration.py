@@ -1,0 +1,244 @@
+"""Calibration data -> model inputs, and forward hooks that turn each layer's inputs into its Hessian.
+
+Memory: ``calibration_batches`` keeps the model inputs of the calibration samples (that is the
+calibration set itself). ``HessianHooks`` keeps only one running float64 Hessian per layer,
+``groups x cols x cols``; activations are folded into it as they pass and never stored (a conv
+input is unfolded in bounded chunks by the accumulator).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
+
+import torch
+import torch.nn as nn
+
+from ..solvers.hessian import HessianAccumulator
+from .layers import LayerInfo
+
+__all__ = ["HessianHooks", "calibration_batches", "collect_hessians", "run_model"]
+
+# Collated samples from a torch Dataset come in batches of this size.
+_DATASET_BATCH_SIZE = 32
+
+
+def _default_input(batch: Any) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise ValueError("a calibration batch is an empty tuple/list: expected (inputs, targets)")
+        return batch[0]
+    if isinstance(batch, Mapping):
+        # A dict batch holds keyword arguments of the model; labels would make HF models compute a loss.
+        return {k: v for k, v in batch.items() if k != "labels"}
+    raise ValueError(
+        f"cannot use a calibration batch of type {type(batch).__name__}: expected a tensor, an (inputs, targets) "
+        "pair or a dict of model keyword arguments; pass transform_fn to map your batches to model inputs"
+    )
+
+
+def _leading_tensor(inputs: Any) -> Optional[torch.Tensor]:
+    if isinstance(inputs, torch.Tensor):
+        return inputs
+    values = inputs.values() if isinstance(inputs, Mapping) else inputs if isinstance(inputs, (tuple, list)) else ()
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            return v
+    return None
+
+
+def _num_samples(inputs: Any) -> int:
+    t = _leading_tensor(inputs)
+    if t is None:
+        raise ValueError(
+            f"cannot count the samples in model inputs of type {type(inputs).__name__}: expected a tensor, "
+            "a tuple of tensors or a dict of tensors whose leading dimension is the batch"
+        )
+    if t.dim() == 0:
+        raise ValueError("a calibration input is a 0-d tensor: its leading dimension must be the batch")
+    return int(t.shape[0])
+
+
+def _take(inputs: Any, n: int, batch_size: int) -> Any:
+    """The first n samples: every tensor (or list) whose leading dimension is the batch is sliced."""
+
+    def cut(v):
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch_size:
+            return v[:n]
+        if isinstance(v, list) and len(v) == batch_size:
+            return v[:n]
+        return v
+
+    if isinstance(inputs, torch.Tensor):
+        return inputs[:n]
+    if isinstance(inputs, Mapping):
+        return {k: cut(v) for k, v in inputs.items()}
+    if isinstance(inputs, tuple):
+        cuts = [cut(v) for v in inputs]
+        return type(inputs)(*cuts) if hasattr(inputs, "_fields") else tuple(cuts)  # namedtuples take positional args
+    return [cut(v) for v in inputs]
+
+
+def calibration_batches(
+    dataset: Iterable,
+    num_samples: int,
+    transform_fn: Optional[Callable[[Any], Any]] = None,
+) -> List[Any]:
+    """Model inputs for ``num_samples`` calibration samples, as a list of batches.
+
+    ``dataset`` is any iterable of batches (a DataLoader, a list, a generator). A torch ``Dataset``
+    yields single samples, so it is batched with a DataLoader first. A batch may be a tensor, an
+    ``(x, y)`` / ``[x, y]`` pair (x is the input) or a dict of model keyword arguments (``labels``
+    dropped); ``transform_fn(batch)`` replaces that rule. The leading dimension counts samples;
+    whole batches are taken and the last one is sliced, and the iterable is not read further.
+    Fewer samples than asked gives a warning and uses what there is.
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_calibration_samples must be a positive integer, got {num_samples!r}")
+    if transform_fn is not None and not callable(transform_fn):
+        raise ValueError(f"transform_fn must be callable, got {type(transform_fn).__name__}")
+    if isinstance(dataset, torch.utils.data.Dataset):
+        dataset = torch.utils.data.DataLoader(dataset, batch_size=min(num_samples, _DATASET_BATCH_SIZE))
+    try:
+        iterator = iter(dataset)
+    except TypeError:
+        raise ValueError(f"calibration data must be iterable (a DataLoader, list or generator), got {type(dataset).__name__}") from None
+
+    batches: List[Any] = []
+    seen = 0
+    for batch in iterator:
+        inputs = transform_fn(batch) if transform_fn is not None else _default_input(batch)
+        n = _num_samples(inputs)
+        if n == 0:
+            continue
+        if seen + n > num_samples:
+            inputs = _take(inputs, num_samples - seen, n)
+            n = num_samples - seen
+        batches.append(inputs)
+        seen += n
+        if seen >= num_samples:
+            break
+    if not batches:
+        raise ValueError("calibration data is empty: the dataset yielded no samples")
+    if seen < num_samples:
+        warnings.warn(
+            f"asked for {num_samples} calibration samples but the data has only {seen}; using {seen}",
+            UserWarning,
+            stacklevel=2,
+        )
+    return batches
+
+
+def run_model(model: nn.Module, batch: Any) -> Any:
+    """``model(*batch)`` for a tuple/list, ``model(**batch)`` for a dict, else ``model(batch)``."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+class HessianHooks:
+    """Context manager: forward pre-hooks that accumulate each layer's Hessian from its inputs.
+
+    ``with HessianHooks(layers) as hooks: run the model ...; H = hooks.hessians()``. Every call of a
+    layer adds its input: rows of a linear input (any leading dimensions), every output position of
+    a conv input, unfolded with the layer's own kernel, stride, padding, dilation, groups and
+    padding mode. The hooks are removed on exit, also when the forward pass raised.
+    """
+
+    def __init__(self, layers: Dict[str, LayerInfo]):
+        if not isinstance(layers, Mapping) or not layers:
+            raise ValueError("HessianHooks needs a non-empty dict of name -> LayerInfo (see find_layers)")
+        for name, info in layers.items():
+            if not isinstance(info, LayerInfo):
+                raise ValueError(f"layer {name!r}: expected a LayerInfo, got {type(info).__name__}")
+        self.layers = dict(layers)
+        self._accumulators = {name: HessianAccumulator(info.cols, info.groups) for name, info in self.layers.items()}
+        self._handles: list = []
+
+    def __enter__(self) -> "HessianHooks":
+        try:
+            for name, info in self.layers.items():
+                self._handles.append(info.module.register_forward_pre_hook(self._make_hook(name, info), with_kwargs=True))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _make_hook(self, name: str, info: LayerInfo):
+        acc = self._accumulators[name]
+
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs.get("input")
+            if not isinstance(x, torch.Tensor):
+                raise ValueError(f"layer {name}: its input is not a tensor ({type(x).__name__})")
+            if x.is_floating_point() and not torch.isfinite(x).all():
+                bad = int((~torch.isfinite(x)).sum())
+                raise ValueError(
+                    f"layer {name}: non-finite activations ({bad} NaN/inf values in its input); "
+                    "the calibration data or an earlier layer overflowed"
+                )
+            try:
+                if info.kind in ("linear", "conv1d_hf"):
+                    if x.dim() == 0 or x.shape[-1] != info.cols:
+                        raise ValueError(f"expected {info.cols} input features in the last dimension")
+                    acc.add(x.reshape(-1, info.cols))
+                else:
+                    m = module
+                    if x.dim() == (2 if info.kind == "conv1d" else 3):  # unbatched input
+                        x = x.unsqueeze(0)
+                    acc.add_conv_input(x, m.kernel_size, m.stride, m.padding, m.dilation, m.groups, m.padding_mode)
+            except (ValueError, RuntimeError) as exc:
+                raise ValueError(f"layer {name}: cannot accumulate its input of shape {tuple(x.shape)}: {exc}") from None
+            return None
+
+        return hook
+
+    def nsamples(self) -> Dict[str, int]:
+        """Samples (rows, or conv output positions) each layer's Hessian has seen so far."""
+        return {name: acc.nsamples for name, acc in self._accumulators.items()}
+
+    def hessians(self) -> Dict[str, torch.Tensor]:
+        """name -> float64 H of shape (groups, cols, cols), groups == 1 included."""
+        out = {}
+        for name, acc in self._accumulators.items():
+            if acc.nsamples == 0:
+                raise ValueError(
+                    f"layer {name}: received no inputs during calibration (its forward was never called by the model)"
+                )
+            H = acc.hessian()
+            out[name] = H.unsqueeze(0) if acc.groups == 1 else H
+        return out
+
+
+def collect_hessians(model: nn.Module, layers: Dict[str, LayerInfo], batches: Iterable[Any]) -> Dict[str, torch.Tensor]:
+    """One no-grad pass of the dense model in eval mode over ``batches``; name -> H (groups, cols, cols).
+
+    Every layer sees the inputs produced by the unmodified model (the 'parallel' calibration mode).
+    The train/eval flag of every submodule is restored afterwards.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with HessianHooks(layers) as hooks, torch.no_grad():
+            count = 0
+            for batch in batches:
+                run_model(model, batch)
+                count += 1
+        if count == 0:
+            raise ValueError("no calibration batches: collect_hessians needs at least one batch of model inputs")
+        return hooks.hessians()
+    finally:
+        for m, training in modes:
+            m.training = training
