@@ -62,6 +62,15 @@ def test_reported_loss_is_the_measured_layer_loss(recipe):
     for r in result.layers:
         measured = _measured_loss(layers[r.name], model, r.name, hessians[r.name])
         assert r.loss == pytest.approx(measured, rel=1e-4, abs=1e-9), r.name
+        # What an artifact stores: every weight on its group's recorded grid, zeros where masked.
+        state = result.states[r.name]
+        W = weight_groups(find_layers(model)[r.name])
+        for g, grid in enumerate(state.grids):
+            if grid is not None:
+                assert torch.equal(grid.quantize(W[g]), W[g]), r.name
+        if state.mask is not None:
+            assert (W[~state.mask] == 0).all()
+            assert r.sparsity == pytest.approx(1 - state.mask.float().mean().item())
     assert "total loss" in result.table()
 
 

@@ -51,11 +51,22 @@ class LayerReport:
 
 
 @dataclass
+class LayerState:
+    """What an artifact needs of a compressed layer: its module, grids and mask, per group."""
+
+    info: LayerInfo
+    scheme: LayerScheme
+    grids: List[Optional[QuantGrid]]  # one per group (None: not quantized)
+    mask: Optional[torch.Tensor]  # (groups, rows, cols) bool, True = kept; None: dense
+
+
+@dataclass
 class Result:
     recipe: Recipe
     layers: List[LayerReport] = field(default_factory=list)
     calibration_samples: int = 0
     seconds: float = 0.0
+    states: Dict[str, LayerState] = field(default_factory=dict, repr=False)
 
     @property
     def report(self) -> List[Dict[str, Any]]:
@@ -174,9 +185,10 @@ def compress(
                 H = collect_hessians(model, {name: info}, batches)[name]
             else:
                 H = hessians.pop(name)
-            report = _compress_layer(name, info, H, schemes[name])
+            report, state = _compress_layer(name, info, H, schemes[name])
             report.seconds = time.perf_counter() - t_layer
             result.layers.append(report)
+            result.states[name] = state
             bar.set_postfix_str(f"{name}: loss {report.loss:.3g}, {report.seconds:.1f} s")
         bar.close()
     except BaseException:
@@ -211,12 +223,13 @@ def _batch_size(batch) -> int:
     return 0
 
 
-def _compress_layer(name: str, info: LayerInfo, H: torch.Tensor, scheme: LayerScheme) -> LayerReport:
+def _compress_layer(name: str, info: LayerInfo, H: torch.Tensor, scheme: LayerScheme):
     Wg = weight_groups(info)
     Hg = H if H.dim() == 3 else H.unsqueeze(0)
     columns_last = info.taps if info.taps > 1 else None
     out = torch.empty_like(Wg)
     loss, kept, damp, method = 0.0, 0, 0.0, scheme.solver
+    grids, masks = [], []
     for g in range(Wg.shape[0]):
         try:
             res = solve_layer(Wg[g], Hg[g], scheme, columns_last)
@@ -224,13 +237,18 @@ def _compress_layer(name: str, info: LayerInfo, H: torch.Tensor, scheme: LayerSc
             where = f"layer {name}" + (f" (group {g})" if Wg.shape[0] > 1 else "")
             raise ValueError(f"{where}: {e}") from None
         out[g] = res.weight
+        grids.append(res.grid if scheme.quantization is not None else None)
+        masks.append(res.mask)
         loss += res.loss
         kept += int(res.mask.sum()) if res.mask is not None else Wg[g].numel()
         damp = max(damp, res.damp)
         method = res.method or method
     set_weight_groups(info, out)
+    mask = None if all(m is None for m in masks) else torch.stack(
+        [m if m is not None else torch.ones_like(out[0], dtype=torch.bool) for m in masks])
+    state = LayerState(info=info, scheme=scheme, grids=grids, mask=mask)
     q = scheme.quantization
-    return LayerReport(
+    report = LayerReport(
         name=name,
         kind=info.kind,
         shape=list(Wg.shape),
@@ -241,3 +259,4 @@ def _compress_layer(name: str, info: LayerInfo, H: torch.Tensor, scheme: LayerSc
         seconds=0.0,
         damp=damp,
     )
+    return report, state
