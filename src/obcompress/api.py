@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 import torch
 from torch import nn
 
-from .model.calibration import calibration_batches, collect_hessians
+from .model.calibration import calibration_batches, collect_hessians, count_samples
 from .model.layers import LayerInfo, find_layers, set_weight_groups, weight_groups
 from .recipe import LayerScheme, Recipe
 from .solvers import (
@@ -169,7 +169,7 @@ def compress(
     for name, scheme in schemes.items():
         _check_fits(name, layers[name], scheme)
     batches = calibration_batches(dataset, num_calibration_samples, transform_fn)
-    n_samples = sum(_batch_size(b) for b in batches)
+    n_samples = sum(count_samples(b) for b in batches)
 
     was_training = model.training
     model.eval()
@@ -210,17 +210,6 @@ def _check_fits(name: str, info: LayerInfo, scheme: LayerScheme) -> None:
             parse_mask_structure(sp.mask_structure, info.cols)
         except ValueError as e:
             raise ValueError(f"layer {name}: {e}") from None
-
-
-def _batch_size(batch) -> int:
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0]
-    if isinstance(batch, dict):
-        first = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
-        return 0 if first is None else first.shape[0]
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0].shape[0]
-    return 0
 
 
 def _compress_layer(name: str, info: LayerInfo, H: torch.Tensor, scheme: LayerScheme):

@@ -17,7 +17,7 @@ import torch.nn as nn
 from ..solvers.hessian import HessianAccumulator
 from .layers import LayerInfo
 
-__all__ = ["HessianHooks", "calibration_batches", "collect_hessians", "run_model"]
+__all__ = ["HessianHooks", "calibration_batches", "collect_hessians", "count_samples", "run_model"]
 
 # Collated samples from a torch Dataset come in batches of this size.
 _DATASET_BATCH_SIZE = 32
@@ -49,7 +49,7 @@ def _leading_tensor(inputs: Any) -> Optional[torch.Tensor]:
     return None
 
 
-def _num_samples(inputs: Any) -> int:
+def count_samples(inputs: Any) -> int:
     t = _leading_tensor(inputs)
     if t is None:
         raise ValueError(
@@ -110,7 +110,7 @@ def calibration_batches(
     seen = 0
     for batch in iterator:
         inputs = transform_fn(batch) if transform_fn is not None else _default_input(batch)
-        n = _num_samples(inputs)
+        n = count_samples(inputs)
         if n == 0:
             continue
         if seen + n > num_samples:
