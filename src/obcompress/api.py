@@ -18,7 +18,9 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 import torch
 from torch import nn
 
+from .model.activations import ActivationHooks, ActivationQuantizer, attach, calibrate_activation_quantizers
 from .model.calibration import calibration_batches, collect_hessians, count_samples
+from .model.corrections import norm_statistics, reestimate_batchnorm, statistics_correction
 from .model.layers import LayerInfo, find_layers, set_weight_groups, weight_groups
 from .recipe import LayerScheme, Recipe
 from .solvers import (
@@ -67,6 +69,10 @@ class Result:
     calibration_samples: int = 0
     seconds: float = 0.0
     states: Dict[str, LayerState] = field(default_factory=dict, repr=False)
+    # W+A recipes: the input quantizers (simulated by forward pre-hooks, removable with .remove()).
+    activation_quantizers: Dict[str, ActivationQuantizer] = field(default_factory=dict, repr=False)
+    activation_hooks: Optional[ActivationHooks] = field(default=None, repr=False)
+    corrections: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def report(self) -> List[Dict[str, Any]]:
@@ -170,6 +176,16 @@ def compress(
         _check_fits(name, layers[name], scheme)
     batches = calibration_batches(dataset, num_calibration_samples, transform_fn)
     n_samples = sum(count_samples(b) for b in batches)
+    corr = recipe.corrections
+    if corr.bn_reestimation and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ValueError("corrections.bn_reestimation: the model has no BatchNorm layer")
+    # Dense output statistics now, so that statistics correction needs no dense copy of the model.
+    dense_stats = norm_statistics(model, batches) if corr.statistics_correction else None
+    act_schemes = {n: sc.quantization.activations for n, sc in schemes.items()
+                   if sc.quantization is not None and sc.quantization.activations is not None}
+    norms = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+    norm_state = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in model.named_modules()
+                  if isinstance(m, norms)}
 
     was_training = model.training
     model.eval()
@@ -191,10 +207,24 @@ def compress(
             result.states[name] = state
             bar.set_postfix_str(f"{name}: loss {report.loss:.3g}, {report.seconds:.1f} s")
         bar.close()
+        if corr.bn_reestimation:
+            result.corrections["bn_reestimation"] = reestimate_batchnorm(model, batches)
+        if act_schemes:
+            # Calibrated on the compressed (and re-estimated) model: the ranges it will really see.
+            result.activation_quantizers = calibrate_activation_quantizers(model, layers, act_schemes, batches)
+            result.activation_hooks = attach(model, layers, result.activation_quantizers)
+        if corr.statistics_correction:
+            # With the input quantizers attached, this also corrects the mean shift of activation rounding.
+            result.corrections["statistics_correction"] = statistics_correction(model, dense_stats, batches)
     except BaseException:
+        if result.activation_hooks is not None:
+            result.activation_hooks.remove()
+        modules = dict(model.named_modules())
         with torch.no_grad():
             for name, w in originals.items():
                 layers[name].module.weight.copy_(w)
+            for name, sd in norm_state.items():
+                modules[name].load_state_dict(sd)
         raise
     finally:
         model.train(was_training)
