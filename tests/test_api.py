@@ -166,3 +166,46 @@ def test_digits_cnn_obq_4_bit_keeps_accuracy(tmp_path, monkeypatch):
     batches = calibration_inputs(512, data).split(128)
     compress(model, {"quantization": {"num_bits": 4}}, batches, num_calibration_samples=512, progress=False)
     assert evaluate(model, data.X_test, data.y_test) >= dense - 0.01
+
+
+class ToyBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 36, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+def test_weights_and_activations_save_and_load_identically(tmp_path):
+    from obcompress.formats import load, save
+
+    torch.manual_seed(6)
+    model = ToyBN().eval()
+    model.bn.running_mean.uniform_(-0.5, 0.5)
+    data = [torch.randn(32, 3, 6, 6) for _ in range(3)]
+    recipe = {"quantization": {"num_bits": 4, "activations": {"num_bits": 8}},
+              "corrections": {"statistics_correction": True}}
+    result = compress(model, recipe, data, num_calibration_samples=96, progress=False)
+    assert set(result.activation_quantizers) == {"conv", "fc"}
+    assert "statistics_correction" in result.corrections
+    x = torch.randn(5, 3, 6, 6)
+    with torch.no_grad():
+        y = model(x)
+    save(model, result, tmp_path / "art")
+    fresh = ToyBN().eval()
+    load(tmp_path / "art", fresh)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), y)  # weights, corrected BN and the input quantizers
+    result.activation_hooks.remove()
+    with torch.no_grad():
+        assert not torch.equal(model(x), y)  # the 8-bit inputs really were part of the output
+
+
+def test_bn_reestimation_needs_batchnorm():
+    model, data = _setup(7)
+    with pytest.raises(ValueError, match="no BatchNorm"):
+        compress(model, {"quantization": {"num_bits": 4}, "corrections": {"bn_reestimation": True}}, data,
+                 num_calibration_samples=96, progress=False)
