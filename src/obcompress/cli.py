@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--layers", type=_csv, default=None, metavar="L1,L2",
                       help="subset of layers: conv1,conv2,fc1,fc2")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.add_argument("--out", default="out/demo", metavar="DIR",
+                      help="where the artifact of the last whole-model recipe is written (default out/demo)")
+    demo.add_argument("--solvers-only", action="store_true", help="only the per-layer solver comparison")
+    demo.add_argument("--models-only", action="store_true", help="only the whole-model recipes")
     return parser
 
 
@@ -45,14 +49,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     if args.command == "demo":
         from obcompress.demo import run_demo
+        from obcompress.model_demo import run_model_demo
 
         try:
-            run_demo(
-                calibration_samples=args.calibration_samples,
-                methods=args.methods,
-                layers=args.layers,
-                progress=not args.no_progress,
-            )
+            if not args.solvers_only:
+                run_model_demo(out_dir=args.out, progress=not args.no_progress)
+                print()
+            if not args.models_only:
+                run_demo(
+                    calibration_samples=args.calibration_samples,
+                    methods=args.methods,
+                    layers=args.layers,
+                    progress=not args.no_progress,
+                )
         except ValueError as e:
             parser.exit(2, f"obcompress demo: error: {e}\n")
         return 0

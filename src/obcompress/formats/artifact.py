@@ -429,6 +429,8 @@ def save(model: nn.Module, result, directory: Union[str, os.PathLike]) -> Dict[s
         for p in tmp.iterdir():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
+            os.chmod(p, 0o644)  # mkstemp/mkdtemp make them owner-only; an artifact is meant to be shared
+        os.chmod(tmp, 0o755)
         _replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
