@@ -87,3 +87,19 @@ def test_cli_version_and_errors(capsys, monkeypatch, tmp_path):
     assert e.value.code == 2 and "calibration_inputs" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # both failed before training
     assert main([]) == 2
+
+
+def test_model_demo_writes_an_artifact_and_a_table(tmp_path, monkeypatch):
+    from obcompress.model_demo import run_model_demo
+
+    monkeypatch.setenv("OBCOMPRESS_CACHE", str(tmp_path / "cache"))
+    out = io.StringIO()
+    rep = run_model_demo(out_dir=tmp_path / "art", recipes=["RTN 4-bit", "2:4 + OBQ 4-bit"],
+                         calibration_samples=128, out=out, progress=False)
+    text = out.getvalue()
+    assert "2:4 + OBQ 4-bit" in text and "x smaller" in text
+    assert [r.name for r in rep.rows] == ["RTN 4-bit", "2:4 + OBQ 4-bit"]
+    joint = rep.rows[1]
+    assert joint.accuracy >= rep.dense_accuracy - 0.02
+    assert joint.bytes_on_disk < rep.fp32_bytes / 6  # 2:4 + 4-bit really is small on disk
+    assert (tmp_path / "art" / "model.safetensors").exists() and (tmp_path / "art" / "report.json").exists()

@@ -73,6 +73,7 @@ class Result:
     activation_quantizers: Dict[str, ActivationQuantizer] = field(default_factory=dict, repr=False)
     activation_hooks: Optional[ActivationHooks] = field(default=None, repr=False)
     corrections: Dict[str, Any] = field(default_factory=dict)
+    metrics: Optional[Dict[str, float]] = None  # the caller's evaluation, kept in the artifact's report
 
     @property
     def report(self) -> List[Dict[str, Any]]:
@@ -122,7 +123,10 @@ def solve_layer(W: torch.Tensor, H: torch.Tensor, scheme: LayerScheme, columns_l
                                      damp=scheme.damp)
         if grid is None:
             return pruned
-        return obq_quantize(W, H, grid, mask=None if pruned is None else pruned.mask, damp=scheme.damp)
+        result = obq_quantize(W, H, grid, mask=None if pruned is None else pruned.mask, damp=scheme.damp)
+        if pruned is not None:
+            result.method = "obs+obq"  # joint OBC: the ExactOBS mask, then OBQ on the kept weights
+        return result
     # "auto" means what the fixed-order solvers' authors use: 1 % of the mean diagonal.
     damp = 0.01 if scheme.damp == "auto" else scheme.damp
     if scheme.solver == "gptq":
