@@ -215,7 +215,9 @@ def _name_list(v: Any, path: str) -> Tuple[str, ...]:
     return tuple(_name(x, f"{path}[{i}]") for i, x in enumerate(v))
 
 
-def _matches(pattern: str, name: str, class_name: Optional[str]) -> bool:
+def selector_matches(pattern: str, name: str, class_name: Optional[str]) -> bool:
+    """One rule for targets, ignore and layer overrides: "re:" fullmatches the module name, anything
+    else is an exact module name or a class name (``class_name`` None: names only)."""
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], name) is not None
     return pattern == name or (class_name is not None and pattern == class_name)
@@ -658,7 +660,7 @@ class Recipe:
     def matching_overrides(self, name: str) -> List[str]:
         """The override keys that apply to ``name``, in the order they are applied (last wins):
         "re:" patterns in recipe order, then the exact name."""
-        pats = [k for k in self.layers if k.startswith("re:") and _matches(k, name, None)]
+        pats = [k for k in self.layers if k.startswith("re:") and selector_matches(k, name, None)]
         return pats + ([name] if name in self.layers else [])
 
     def for_layer(self, name: str, class_name: Any) -> Optional[LayerScheme]:

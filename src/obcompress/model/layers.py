@@ -20,6 +20,8 @@ from typing import Iterable, List, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from ..recipe import selector_matches
+
 __all__ = ["COMPRESSIBLE", "LayerInfo", "find_layers", "is_compressible", "set_weight_groups", "weight_groups"]
 
 
@@ -129,9 +131,7 @@ def _as_patterns(value, what: str) -> List[str]:
 
 
 def _matches(entry: str, name: str, module: nn.Module) -> bool:
-    if entry.startswith("re:"):
-        return re.fullmatch(entry[3:], name) is not None
-    return entry == name or entry == type(module).__name__
+    return selector_matches(entry, name, type(module).__name__)
 
 
 def find_layers(
