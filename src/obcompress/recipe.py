@@ -653,9 +653,9 @@ class Recipe:
     def selects(self, name: str, class_name: Any) -> bool:
         """Whether ``targets`` / ``ignore`` select the layer (``class_name``: str, class or module)."""
         cls_name = _class_name(class_name)
-        if self.targets is not None and not any(_matches(t, name, cls_name) for t in self.targets):
+        if self.targets is not None and not any(selector_matches(t, name, cls_name) for t in self.targets):
             return False
-        return not any(_matches(t, name, cls_name) for t in self.ignore)
+        return not any(selector_matches(t, name, cls_name) for t in self.ignore)
 
     def matching_overrides(self, name: str) -> List[str]:
         """The override keys that apply to ``name``, in the order they are applied (last wins):
@@ -689,7 +689,7 @@ class Recipe:
         layer that ``targets`` / ``ignore`` leave out also counts as unused.
         """
         names = list(layer_names)
-        return [k for k in self.layers if not any(_matches(k, n, None) for n in names)]
+        return [k for k in self.layers if not any(selector_matches(k, n, None) for n in names)]
 
     def _base_dict(self) -> Dict[str, Any]:
         return {
