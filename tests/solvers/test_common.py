@@ -252,7 +252,6 @@ def test_prepare_layer_errors():
         (W, H.clone().fill_(float("inf")), "non-finite"),
         (W, torch.eye(5, dtype=torch.float64), "columns"),
         (W, torch.ones(4, 5), "square"),
-        (W, torch.zeros(4, 4), "all zero"),
         (W.flatten(), H, "2-D"),
     ]
     for Wc, Hc, msg in cases:
@@ -274,3 +273,15 @@ def test_prepare_layer_dead_inputs_with_small_activations():
 def test_layer_loss_rejects_mismatched_h():
     with pytest.raises(ValueError):
         layer_loss(torch.randn(2, 3), torch.randn(2, 3), torch.eye(4))
+
+
+def test_all_inputs_dead_gives_zero_weights_at_zero_loss():
+    from obcompress.solvers import QuantGrid, exact_obs_prune, gptq_quantize, obq_quantize
+
+    W = torch.randn(3, 8)
+    H = torch.zeros(8, 8, dtype=torch.float64)
+    p = prepare_layer(W, H)
+    assert p.dead.all() and (p.W == 0).all()
+    grid = QuantGrid.fit(W, 4)
+    for result in (obq_quantize(W, H, grid), exact_obs_prune(W, H, 0.5), gptq_quantize(W, H, grid)):
+        assert (result.weight == 0).all() and result.loss == 0

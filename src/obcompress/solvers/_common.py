@@ -230,10 +230,10 @@ def prepare_layer(W: torch.Tensor, H: torch.Tensor, damp="auto", inverse: bool =
     H64 = H.detach().to(device=W.device, dtype=torch.float64).clone()
     H64 = 0.5 * (H64 + H64.t())
     dead = torch.diagonal(H64) == 0
-    if dead.all():
-        raise ValueError("H is all zero: every input of this layer was zero on the calibration data")
     idx = torch.nonzero(dead).flatten()
-    mean_diag = float(torch.diagonal(H64)[~dead].mean())
+    # All inputs dead (e.g. a depthwise channel after a ReLU that never fires): the weights do not
+    # affect the output on this data, every solver then returns zeros at zero loss.
+    mean_diag = float(torch.diagonal(H64)[~dead].mean()) if not dead.all() else 1.0
     H64[idx, :] = 0
     H64[:, idx] = 0
     # Any positive value decouples a dead input; the live mean keeps the pivot spread unchanged
