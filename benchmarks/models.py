@@ -13,7 +13,7 @@ Scopes (efficientnet-lite0 only; see ../shared/REFERENCE.md section 4):
   all  every layer takes the recipe: the harder figure, always reported beside it;
   pwfc as pw, and the fc layer also dense at 8 bits: the scope of REFERENCE.md's "pw only" column
        (the official GPTQ / SparseGPT figures), for a like-for-like comparison (not run by default).
-minilm has one scope, all 36 encoder Linear layers (its pooler is not used by the embeddings).
+minilm has one scope, all 36 encoder Linear layers (the pooler, unused by the embeddings, is ignored).
 
 Recipes whose sparsity is N:M (obs24+obq4) keep layers whose columns do not split into groups of
 four (the stem, the depthwise convs) dense, still quantized as the recipe says.
@@ -85,6 +85,9 @@ def build_recipe(model_name: str, recipe_id: str, scope: str, model: torch.nn.Mo
     if base is None:
         return None
     recipe = copy.deepcopy(base)
+    if model_name == "minilm":
+        # Mean-pooled embeddings never use BERT's pooler: REFERENCE.md's 36 encoder Linear layers.
+        recipe["ignore"] = ["re:pooler\\..*"]
     layers: Dict[str, dict] = {}
     kept = set()
     if model_name == "efficientnet-lite0" and scope in ("pw", "pwfc"):
