@@ -55,6 +55,7 @@ RECIPES: Dict[str, Any] = {
     "rtn4": ("RTN 4-bit", {"solver": "rtn", "quantization": _Q4}, None),
     "obq4": ("OBQ 4-bit", {"solver": "exact", "quantization": _Q4}, None),
     "gptq4": ("GPTQ 4-bit", {"solver": "gptq", "quantization": _Q4}, None),
+    "best4": ("best of OBQ / GPTQ act-order 4-bit", {"solver": "best", "quantization": _Q4}, None),
     "gptq4-act": ("GPTQ 4-bit act-order", {"solver": "gptq", "quantization": {**_Q4, "act_order": True}}, None),
     "mag50": ("magnitude 50%", {"solver": "magnitude", "sparsity": {"sparsity": 0.5}}, None),
     "obs50": ("ExactOBS 50%", {"solver": "exact", "sparsity": {"sparsity": 0.5}}, None),

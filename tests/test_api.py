@@ -50,6 +50,7 @@ def _measured_loss(dense_info, new_model, name, H):
         {"solver": "sparsegpt", "sparsity": {"sparsity": 0.5}, "quantization": {"num_bits": 4}},
         {"solver": "magnitude", "sparsity": {"sparsity": 0.5}},
         {"solver": "rtn", "quantization": {"num_bits": 8, "symmetric": False}},
+        {"solver": "best", "quantization": {"num_bits": 3}},
     ],
 )
 def test_reported_loss_is_the_measured_layer_loss(recipe):
@@ -209,3 +210,15 @@ def test_bn_reestimation_needs_batchnorm():
     with pytest.raises(ValueError, match="no BatchNorm"):
         compress(model, {"quantization": {"num_bits": 4}, "corrections": {"bn_reestimation": True}}, data,
                  num_calibration_samples=96, progress=False)
+
+
+def test_best_keeps_the_lower_loss_of_obq_and_gptq_act_order():
+    model, data = _setup(8)
+    losses = {}
+    for solver, extra in (("exact", {}), ("gptq", {"act_order": True}), ("best", {})):
+        m = copy.deepcopy(model)
+        r = compress(m, {"solver": solver, "quantization": {"num_bits": 3, **extra}}, data,
+                     num_calibration_samples=96, progress=False)
+        losses[solver] = {x.name: x.loss for x in r.layers}
+    for name in losses["best"]:
+        assert losses["best"][name] == pytest.approx(min(losses["exact"][name], losses["gptq"][name]), rel=1e-6)

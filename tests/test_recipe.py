@@ -158,7 +158,7 @@ BAD = [
     ({"quantization": Q4, "damp": -1}, "damp must be 'auto' or a number >= 0, got -1"),
     ({"quantization": Q4, "damp": "high"}, "damp must be 'auto' or a number >= 0"),
     ({"quantization": Q4, "damp": float("nan")}, "damp must be 'auto' or a number >= 0"),
-    ({"quantization": Q4, "solver": "obq"}, "solver must be one of exact, gptq, sparsegpt, magnitude, rtn; got 'obq'"),
+    ({"quantization": Q4, "solver": "obq"}, "solver must be one of exact, best, gptq, sparsegpt, magnitude, rtn; got 'obq'"),
     ({"quantization": Q4, "calibration": "serial"}, "calibration must be one of parallel, sequential"),
     ({"quantization": Q4, "corrections": {"bn_reestimation": "on"}}, "corrections.bn_reestimation must be true or false"),
     ({"quantization": Q4, "corrections": True}, "corrections must be a mapping"),

@@ -116,7 +116,7 @@ def solve_layer(W: torch.Tensor, H: torch.Tensor, scheme: LayerScheme, columns_l
     """
     sp = scheme.sparsity
     grid = _grid(W, scheme)
-    if scheme.solver == "exact":
+    if scheme.solver in ("exact", "best"):
         pruned = None
         if sp is not None:
             pruned = exact_obs_prune(W, H, sp.sparsity, sp.mask_structure, columns_last=columns_last,
@@ -126,6 +126,13 @@ def solve_layer(W: torch.Tensor, H: torch.Tensor, scheme: LayerScheme, columns_l
         result = obq_quantize(W, H, grid, mask=None if pruned is None else pruned.mask, damp=scheme.damp)
         if pruned is not None:
             result.method = "obs+obq"  # joint OBC: the ExactOBS mask, then OBQ on the kept weights
+        elif scheme.solver == "best":
+            # Greedy OBQ is not always the lowest loss (GPTQ with act-order often is, e.g. on
+            # MiniLM's ill-conditioned layers); both are cheap to measure on the same H, keep the lower.
+            alt = gptq_quantize(W, H, grid, act_order=True, damp=0.01 if scheme.damp == "auto" else scheme.damp)
+            if alt.loss < result.loss:
+                alt.method = "gptq-act"
+                return alt
         return result
     # "auto" means what the fixed-order solvers' authors use: 1 % of the mean diagonal.
     damp = 0.01 if scheme.damp == "auto" else scheme.damp

@@ -59,7 +59,7 @@ __all__ = [
     "SparsityScheme",
 ]
 
-SOLVERS = ("exact", "gptq", "sparsegpt", "magnitude", "rtn")
+SOLVERS = ("exact", "best", "gptq", "sparsegpt", "magnitude", "rtn")
 STRATEGIES = ("tensor", "channel", "group")
 CALIBRATION_MODES = ("parallel", "sequential")
 # Which sections each solver can act on; "exact" is OBQ, ExactOBS or their joint form.
