@@ -427,7 +427,6 @@ def greedy_single(W64, H64, Hinv64, policy, *, keep=None, dtype=torch.float32, e
                 rs = torch.where(active, dp.rsqrt(), torch.zeros((), dtype=dtype))
                 order_c[:, step] = torch.where(active, ch.idx[ar, p], torch.full_like(p, -1))
                 ch.eliminate(p, col, delta / dp, rs, t)
-                ch.alive[ar, p] = False
             else:
                 order_c[:, step] = ch.idx[ar, p]
                 ch.eliminate(p, col, delta / dp, dp.rsqrt(), t)
