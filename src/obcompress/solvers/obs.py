@@ -94,6 +94,41 @@ class ObsDatabase:
         keep = ~pruned_units.repeat_interleave(self.unit, dim=1)
         return keep
 
+    def keep_mask(self, sparsity: Optional[float] = None) -> torch.Tensor:
+        """The kept weights at ``sparsity`` in the caller's column order (no re-fit: cheap)."""
+        return undo_column_perm(self.mask(sparsity), self._perm)
+
+    def predicted_loss(self, sparsity: Optional[float] = None) -> float:
+        """The sum of the taken steps' losses: the loss at ``sparsity`` w.r.t. the dampened H,
+        without re-fitting (equal to ``at(sparsity).loss`` when no dampening was needed, up to the
+        loop's float precision)."""
+        counts = self.steps_per_row(sparsity)
+        steps = self.order.shape[1]
+        taken = torch.arange(steps, device=counts.device)[None, :] < counts[:, None]
+        return float(self.losses[taken & (self.order >= 0)].double().sum())
+
+    @classmethod
+    def restore(cls, W: torch.Tensor, H: torch.Tensor, mask_structure: str, order: torch.Tensor,
+                losses: torch.Tensor, damp: float, columns_last: Optional[int] = None,
+                dtype: torch.dtype = torch.float32) -> "ObsDatabase":
+        """A database rebuilt from its stored record (order, losses and the dampening it used) and
+        the layer's W and H, without re-running the elimination."""
+        cols = W.shape[1]
+        structure = parse_mask_structure(mask_structure, cols)
+        if order.dim() != 2 or order.shape != losses.shape or order.shape[0] != W.shape[0]:
+            raise ValueError(f"a stored database of shape order {tuple(order.shape)}, losses "
+                             f"{tuple(losses.shape)} does not fit a weight of shape {tuple(W.shape)}")
+        if not isinstance(damp, (int, float)) or damp < 0:
+            raise ValueError(f"damp must be the non-negative level the database was built with, got {damp!r}")
+        prep = prepare_layer(W, H, float(damp))
+        perm = columns_last_perm(cols, columns_last, device=W.device)
+        Wp, Hp, Hinvp = prep.W, prep.H, prep.Hinv
+        if perm is not None:
+            Wp, Hp, Hinvp = Wp[:, perm], Hp[perm][:, perm], Hinvp[perm][:, perm]
+        return cls(structure=structure, order=order.to(torch.int32), losses=losses.to(torch.float32),
+                   W=W.detach(), H=H.detach(), damp=float(damp), seconds=0.0, dtype=dtype,
+                   _Wp=Wp, _Hp=Hp, _Hinvp=Hinvp, _perm=perm, _final=None)
+
     def at(self, sparsity: Optional[float] = None) -> SolverResult:
         """The compressed layer at ``sparsity``: mask, least-squares re-fitted weights, exact loss."""
         t0 = time.perf_counter()

@@ -1,0 +1,575 @@
+"""The database of a model: every layer's compressed variants, on disk, from one calibration pass.
+
+Per layer one safetensors file holds what it takes to rebuild any variant of the search space
+exactly, and nothing per sparsity level (DESIGN.md section 2):
+
+- ``H``: the layer's Hessian per group (float64), which the least-squares re-fit of a pruning level
+  needs;
+- per pruning structure (unstructured, N:M, block:c) the greedy ExactOBS record: the elimination
+  order (int16 where the columns allow) and the loss of every step (float32); any level's mask is
+  assembled from it and its weights re-fitted on demand;
+- per quantized variant (dense or on a pruning level's mask: joint OBC) the OBQ codes, bit-packed,
+  and the per-row grid (scale, zero point).
+
+Its JSON metadata lists every variant with its layer loss ``1/2 tr(dW H dW^T)`` (w.r.t. the undamped
+H: for a pruning level of an undampened layer the sum of its greedy steps' losses, which is the
+re-fitted weights' loss; otherwise measured on the re-fitted or quantized weights) and the normalised error ``loss / (1/2 tr(W H W^T))`` = ``||(W - W')X||^2 / ||WX||^2``.
+
+``database.json`` keys the whole on (layer names and shapes, a hash of every layer's weights, a
+hash of the calibration inputs, the space and settings). A layer file is written atomically
+(temporary file, then rename) once the layer is finished and names its own key, so an interrupted
+build resumes at the first missing layer and gives the same files; a directory that holds a
+database of another model or calibration set is refused.
+
+Memory while building: the Hessians of the layers still to build (one pass over the calibration
+data, as ``compress``), one layer's records, and the solver's working set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..formats.packing import pack_bits, unpack_bits
+from ..model.calibration import HessianHooks, calibration_batches, count_samples, run_model
+from ..model.layers import LayerInfo, find_layers, set_weight_groups, weight_groups
+from ..solvers import QuantGrid, layer_loss, obq_quantize, parse_mask_structure
+from ..solvers.obs import ObsDatabase, exact_obs_database
+from .space import LayerGeometry, SearchSpace, Variant, default_space
+
+__all__ = ["Database", "LayerEntry", "build_database", "load_database", "DATABASE_FORMAT", "DATABASE_VERSION"]
+
+DATABASE_FORMAT = "obcompress-database"
+DATABASE_VERSION = 1
+MANIFEST = "database.json"
+LAYER_DIR = "layers"
+
+
+# --------------------------------------------------------------------------------------------
+# hashing
+
+
+def _tensor_digest(h, t: torch.Tensor) -> None:
+    t = t.detach().to("cpu").contiguous()
+    h.update(str(tuple(t.shape)).encode())
+    h.update(str(t.dtype).encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def _digest_inputs(h, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        _tensor_digest(h, obj)
+    elif isinstance(obj, Mapping):
+        for k in sorted(obj, key=str):
+            h.update(str(k).encode())
+            _digest_inputs(h, obj[k])
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[")
+        for v in obj:
+            _digest_inputs(h, v)
+        h.update(b"]")
+    else:
+        h.update(repr(obj).encode())
+
+
+def calibration_hash(batches: Sequence[Any]) -> str:
+    h = hashlib.sha256()
+    for b in batches:
+        _digest_inputs(h, b)
+    return h.hexdigest()
+
+
+def weight_hash(info: LayerInfo) -> str:
+    h = hashlib.sha256()
+    _tensor_digest(h, weight_groups(info))
+    return h.hexdigest()
+
+
+def _safe_name(name: str) -> str:
+    keep = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+    return f"{keep}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+# --------------------------------------------------------------------------------------------
+# one layer
+
+
+@dataclass
+class LayerEntry:
+    """What the database knows of one layer (its metadata; tensors stay on disk until asked for)."""
+
+    name: str
+    geometry: LayerGeometry
+    key: str
+    weight_hash: str
+    variants: "OrderedDict[str, Dict[str, Any]]"  # variant key -> {loss, error, seconds, method}
+    dense_energy: float  # 1/2 tr(W H W^T): the loss of the all-zero layer
+    damp: Dict[str, List[float]]  # structure -> dampening used per group
+    file: Path
+    seconds: float = 0.0
+
+    def options(self) -> List[Variant]:
+        return [Variant.from_key(k) for k in self.variants]
+
+    def score(self, key: str, kind: str = "error") -> float:
+        v = self.variants[key]
+        if kind not in v:
+            raise ValueError(f"layer {self.name}: no {kind!r} score for variant {key} (have {sorted(v)})")
+        return float(v[kind])
+
+
+def _order_dtype(cols: int) -> torch.dtype:
+    return torch.int16 if cols < 2**15 else torch.int32
+
+
+def _build_layer(name: str, info: LayerInfo, H: torch.Tensor, space: SearchSpace, positions: float,
+                 whash: str, key: str) -> tuple:
+    """Compute every variant of one layer: (tensors to store, metadata)."""
+    t_start = time.perf_counter()
+    Wg = weight_groups(info)
+    Hg = H if H.dim() == 3 else H.unsqueeze(0)
+    G, R, C = Wg.shape
+    columns_last = info.taps if info.taps > 1 else None
+    options = space.for_layer(C)
+    tensors: Dict[str, torch.Tensor] = {"H": Hg.to(torch.float64).contiguous()}
+    variants: "OrderedDict[str, Dict[str, Any]]" = OrderedDict()
+    damp: Dict[str, List[float]] = {}
+    energy = sum(layer_loss(Wg[g], torch.zeros_like(Wg[g]), Hg[g]) for g in range(G))
+    denom = energy if energy > 0 else 1.0
+
+    def record(v: Variant, loss: float, seconds: float, method: str) -> None:
+        variants[v.key] = {"loss": float(loss), "error": float(loss) / denom, "seconds": seconds, "method": method}
+
+    record(Variant(), 0.0, 0.0, "dense")
+    # Pruning records, one per structure the space uses and this layer admits.
+    dbs: Dict[str, List[ObsDatabase]] = {}
+    for structure in space.structures:
+        try:
+            parse_mask_structure(structure, C)
+        except ValueError:
+            continue  # N:M or blocks that do not divide this layer's columns
+        t0 = time.perf_counter()
+        try:
+            per_group = [exact_obs_database(Wg[g], Hg[g], structure, columns_last=columns_last, damp=space.damp)
+                         for g in range(G)]
+        except ValueError as e:
+            raise ValueError(f"layer {name}: {structure} pruning: {e}") from None
+        dbs[structure] = per_group
+        dt = time.perf_counter() - t0
+        tag = structure.replace(":", "_")
+        tensors[f"order.{tag}"] = torch.stack([d.order for d in per_group]).to(_order_dtype(C)).contiguous()
+        tensors[f"losses.{tag}"] = torch.stack([d.losses for d in per_group]).to(torch.float32).contiguous()
+        damp[structure] = [float(d.damp) for d in per_group]
+        for v in options:
+            if v.structure == structure and v.pruned and v.bits is None:
+                # Undamped, the greedy steps' losses add up to the re-fitted level's loss exactly;
+                # with dampening they are w.r.t. the dampened H, so the level is re-fitted and
+                # measured (a least-squares solve per row: the price of an honest number).
+                t1 = time.perf_counter()
+                s = None if v.kind == "nm" else v.sparsity
+                loss = sum(d.predicted_loss(s) if d.damp == 0 else d.at(s).loss for d in per_group)
+                record(v, loss, dt + time.perf_counter() - t1, "exact_obs")
+
+    # Quantized variants: OBQ on the dense layer or on a pruning level's support (joint OBC), the
+    # grid fitted on the dense weight, as ``compress`` does.
+    for v in options:
+        if v.bits is None:
+            continue
+        t0 = time.perf_counter()
+        codes, scales, zeros, loss = [], [], [], 0.0
+        for g in range(G):
+            mask = None
+            if v.pruned:
+                d = dbs[v.structure][g]
+                mask = d.keep_mask(None if v.kind == "nm" else v.sparsity)
+            grid = QuantGrid.fit(Wg[g], v.bits, symmetric=space.symmetric, strategy="channel")
+            try:
+                res = obq_quantize(Wg[g], Hg[g], grid, mask=mask, damp=space.damp)
+            except ValueError as e:
+                where = f"layer {name}" + (f" (group {g})" if G > 1 else "")
+                raise ValueError(f"{where}: variant {v.key}: {e}") from None
+            codes.append(grid.encode(res.weight))
+            scales.append(grid.scale)
+            zeros.append(grid.zero)
+            loss += res.loss
+        tag = v.key.replace(":", "_").replace("@", "_")
+        stacked = torch.stack(codes)
+        tensors[f"codes.{tag}"] = pack_bits(stacked.flatten(), v.bits)
+        tensors[f"scale.{tag}"] = torch.stack(scales).to(torch.float32).contiguous()
+        tensors[f"zero.{tag}"] = torch.stack(zeros).to(torch.float32).contiguous()
+        record(v, loss, time.perf_counter() - t0, "obq" if not v.pruned else "obs+obq")
+
+    geometry = LayerGeometry(name=name, kind=info.kind, groups=G, rows=R, cols=C, taps=info.taps,
+                             positions=float(positions), has_bias=getattr(info.module, "bias", None) is not None)
+    meta = {
+        "format": DATABASE_FORMAT, "version": DATABASE_VERSION, "name": name, "key": key, "weight_hash": whash,
+        "geometry": geometry.to_dict(), "variants": variants, "dense_energy": energy, "damp": damp,
+        "seconds": time.perf_counter() - t_start,
+    }
+    return tensors, meta
+
+
+def _write_layer(path: Path, tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"obcompress": json.dumps(meta)})
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _read_layer_meta(path: Path) -> Optional[Dict[str, Any]]:
+    """The layer file's metadata, or None when it is missing or unreadable (a build will redo it)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("obcompress")
+        meta = json.loads(raw) if raw else None
+    except Exception:
+        return None
+    if not isinstance(meta, dict) or meta.get("format") != DATABASE_FORMAT:
+        return None
+    return meta
+
+
+def _entry(meta: Dict[str, Any], path: Path) -> LayerEntry:
+    return LayerEntry(
+        name=meta["name"], geometry=LayerGeometry.from_dict(meta["geometry"]), key=meta["key"],
+        weight_hash=meta["weight_hash"], variants=OrderedDict(meta["variants"]),
+        dense_energy=float(meta["dense_energy"]), damp=meta["damp"], file=path, seconds=float(meta.get("seconds", 0.0)),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# the database
+
+
+class Database:
+    """A model's database on disk: ``layers`` (name -> LayerEntry) in model order, plus settings."""
+
+    def __init__(self, directory: Path, manifest: Dict[str, Any], layers: "OrderedDict[str, LayerEntry]"):
+        self.directory = Path(directory)
+        self.manifest = manifest
+        self.layers = layers
+        self.space = SearchSpace.from_dict(manifest["space"])
+        self._tensor_cache: Dict[str, Dict[str, torch.Tensor]] = {}
+        self._obs_cache: Dict[tuple, List[ObsDatabase]] = {}
+
+    # ---- facts -------------------------------------------------------------------------
+
+    @property
+    def names(self) -> List[str]:
+        return list(self.layers)
+
+    @property
+    def geometries(self) -> "OrderedDict[str, LayerGeometry]":
+        return OrderedDict((n, e.geometry) for n, e in self.layers.items())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes on disk: the manifest and every layer file."""
+        total = (self.directory / MANIFEST).stat().st_size
+        return total + sum(e.file.stat().st_size for e in self.layers.values())
+
+    @property
+    def build_seconds(self) -> float:
+        return float(self.manifest.get("hessian_seconds", 0.0)) + sum(e.seconds for e in self.layers.values())
+
+    def options(self, name: str) -> List[Variant]:
+        return self._layer(name).options()
+
+    def scores(self, name: str, kind: str = "error") -> List[float]:
+        e = self._layer(name)
+        return [e.score(k, kind) for k in e.variants]
+
+    def _layer(self, name: str) -> LayerEntry:
+        if name not in self.layers:
+            raise ValueError(f"layer {name}: not in the database at {self.directory} (it has {len(self.layers)} layers)")
+        return self.layers[name]
+
+    # ---- rebuilding variants -----------------------------------------------------------
+
+    def _tensors(self, name: str) -> Dict[str, torch.Tensor]:
+        if name not in self._tensor_cache:
+            e = self._layer(name)
+            out = {}
+            with safe_open(str(e.file), framework="pt") as f:
+                for k in f.keys():
+                    out[k] = f.get_tensor(k)
+            self._tensor_cache[name] = out
+        return self._tensor_cache[name]
+
+    def _obs(self, name: str, structure: str, Wg: torch.Tensor) -> List[ObsDatabase]:
+        ck = (name, structure)
+        if ck not in self._obs_cache:
+            e = self._layer(name)
+            t = self._tensors(name)
+            tag = structure.replace(":", "_")
+            if f"order.{tag}" not in t:
+                raise ValueError(f"layer {name}: the database has no {structure} pruning record")
+            H = t["H"]
+            cl = e.geometry.taps if e.geometry.taps > 1 else None
+            self._obs_cache[ck] = [
+                ObsDatabase.restore(Wg[g], H[g], structure, t[f"order.{tag}"][g].to(torch.int32),
+                                    t[f"losses.{tag}"][g], e.damp[structure][g], columns_last=cl)
+                for g in range(Wg.shape[0])
+            ]
+        return self._obs_cache[ck]
+
+    def weights(self, name: str, variant: Union[Variant, str], dense_weight: torch.Tensor) -> torch.Tensor:
+        """The layer's weights in ``variant``, (groups, rows, cols) float32. ``dense_weight``: the
+        layer's original ``weight_groups`` (the database keeps no copy of the weights)."""
+        e = self._layer(name)
+        v = variant if isinstance(variant, Variant) else Variant.from_key(variant)
+        if v.key not in e.variants:
+            raise ValueError(f"layer {name}: variant {v.key} is not in the database (not in the space, or its "
+                             "shape does not admit it)")
+        g = e.geometry
+        if tuple(dense_weight.shape) != (g.groups, g.rows, g.cols):
+            raise ValueError(f"layer {name}: weight of shape {tuple(dense_weight.shape)}, the database has "
+                             f"{(g.groups, g.rows, g.cols)}")
+        if v == Variant():
+            return dense_weight.clone()
+        if v.bits is None:
+            dbs = self._obs(name, v.structure, dense_weight)
+            s = None if v.kind == "nm" else v.sparsity
+            return torch.stack([d.at(s).weight for d in dbs]).to(torch.float32)
+        t = self._tensors(name)
+        tag = v.key.replace(":", "_").replace("@", "_")
+        n = g.groups * g.rows * g.cols
+        codes = unpack_bits(t[f"codes.{tag}"], v.bits, n).reshape(g.groups, g.rows, g.cols)
+        out = torch.empty(g.groups, g.rows, g.cols)
+        for k in range(g.groups):
+            grid = QuantGrid(v.bits, t[f"scale.{tag}"][k], t[f"zero.{tag}"][k], self.space.symmetric, "channel")
+            out[k] = grid.decode(codes[k])
+        return out
+
+    def apply(self, model: nn.Module, choice: Mapping[str, Union[Variant, str]],
+              originals: Optional[Mapping[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+        """Write the chosen variants' weights into ``model`` (in place). Returns the dense weight
+        groups of the layers it changed, which ``originals`` may pass back in later calls (so that a
+        search can stitch many configurations into one model without keeping a dense copy)."""
+        found = find_layers(model, list(choice), ())
+        originals = dict(originals or {})
+        for name, v in choice.items():
+            info = found[name]
+            if name not in originals:
+                originals[name] = weight_groups(info)
+            set_weight_groups(info, self.weights(name, v, originals[name]))
+        return originals
+
+    def recipe(self, choice: Mapping[str, Union[Variant, str]], *, activation_bits: Optional[int] = None,
+               base: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+        """A recipe dict that ``compress`` applies unchanged to produce ``choice`` (every layer named,
+        solver exact); dense choices are left out of the targets."""
+        layers: Dict[str, Any] = {}
+        for name, v in choice.items():
+            self._layer(name)
+            v = v if isinstance(v, Variant) else Variant.from_key(v)
+            if v == Variant():
+                continue
+            layers[name] = v.recipe_entry(activation_bits)
+        if not layers:
+            raise ValueError("the configuration keeps every layer dense: there is nothing to compress")
+        out: Dict[str, Any] = dict(base or {})
+        out.setdefault("solver", "exact")
+        out["damp"] = self.space.damp
+        out["targets"] = list(layers)
+        out["layers"] = layers
+        if not self.space.symmetric:
+            for entry in layers.values():
+                if entry.get("quantization"):
+                    entry["quantization"]["symmetric"] = False
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# build / load
+
+
+def _check_dir_for(directory: Path, manifest: Dict[str, Any], overwrite: bool) -> None:
+    path = directory / MANIFEST
+    if not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except Exception:
+        raise ValueError(f"{path} is not a readable database manifest; remove it or pass overwrite=True") from None
+    if old.get("format") != DATABASE_FORMAT:
+        raise ValueError(f"{directory} holds something that is not an obcompress database")
+    same = all(old.get(k) == manifest[k] for k in ("version", "model", "calibration", "space", "settings"))
+    if same:
+        return
+    if not overwrite:
+        why = [k for k in ("version", "model", "calibration", "space", "settings") if old.get(k) != manifest[k]]
+        raise ValueError(
+            f"{directory} holds a database of another {' / '.join(why)}: refusing to mix them "
+            "(use another directory, or overwrite=True / --overwrite to replace it)")
+    for f in (directory / LAYER_DIR).glob("*.safetensors"):
+        f.unlink()
+
+
+def build_database(
+    model: nn.Module,
+    dataset: Iterable,
+    directory: Union[str, os.PathLike],
+    space: Optional[SearchSpace] = None,
+    *,
+    num_calibration_samples: int = 256,
+    transform_fn: Optional[Callable] = None,
+    targets: Optional[Sequence[str]] = None,
+    ignore: Sequence[str] = (),
+    overwrite: bool = False,
+    progress: bool = True,
+    stop_after: Optional[int] = None,
+) -> Database:
+    """Build (or resume) the database of ``model``'s layers under ``directory``.
+
+    ``stop_after``: finish at most this many layers in this call (for time-sliced builds: call
+    again to go on). The model is not modified.
+    """
+    from tqdm.auto import tqdm
+
+    space = space or default_space()
+    directory = Path(directory)
+    found = find_layers(model, targets, ignore)
+    batches = calibration_batches(dataset, num_calibration_samples, transform_fn)
+    n_samples = sum(count_samples(b) for b in batches)
+    hashes = {name: weight_hash(info) for name, info in found.items()}
+    manifest = {
+        "format": DATABASE_FORMAT,
+        "version": DATABASE_VERSION,
+        "model": {name: {"shape": [info.groups, info.rows, info.cols], "weight_hash": hashes[name]}
+                  for name, info in found.items()},
+        "calibration": {"samples": n_samples, "hash": calibration_hash(batches)},
+        "space": space.to_dict(),
+        "settings": {"targets": None if targets is None else list(targets), "ignore": list(ignore)},
+    }
+    _check_dir_for(directory, manifest, overwrite)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / LAYER_DIR).mkdir(exist_ok=True)
+
+    def layer_key(name: str) -> str:
+        h = hashlib.sha256()
+        h.update(json.dumps([name, hashes[name], manifest["calibration"], manifest["space"], DATABASE_VERSION],
+                            sort_keys=True).encode())
+        return h.hexdigest()
+
+    paths = {name: directory / LAYER_DIR / f"{_safe_name(name)}.safetensors" for name in found}
+    done = {}
+    for name in found:
+        meta = _read_layer_meta(paths[name])
+        if meta is not None and meta.get("key") == layer_key(name):
+            done[name] = meta
+    todo = [n for n in found if n not in done]
+    if stop_after is not None:
+        todo = todo[: max(0, int(stop_after))]
+    old_manifest = {}
+    if (directory / MANIFEST).exists():
+        old_manifest = json.loads((directory / MANIFEST).read_text())
+    manifest["hessian_seconds"] = float(old_manifest.get("hessian_seconds", 0.0))
+    _write_json(directory / MANIFEST, manifest)
+
+    if todo:
+        t0 = time.perf_counter()
+        layers = {n: found[n] for n in todo}
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        try:
+            with HessianHooks(layers) as hooks, torch.no_grad():
+                for batch in batches:
+                    run_model(model, batch)
+            hessians = hooks.hessians()
+            counts = hooks.nsamples()
+        finally:
+            for m, training in modes:
+                m.training = training
+        manifest["hessian_seconds"] += time.perf_counter() - t0
+        _write_json(directory / MANIFEST, manifest)
+        bar = tqdm(todo, desc="database", unit="layer", disable=not progress, file=sys.stderr)
+        for name in bar:
+            info = found[name]
+            if counts[name] == 0:
+                raise ValueError(f"layer {name}: the model never called it on the calibration data")
+            H = hessians.pop(name)
+            tensors, meta = _build_layer(name, info, H, space, counts[name] / n_samples, hashes[name], layer_key(name))
+            _write_layer(paths[name], tensors, meta)
+            done[name] = meta
+            bar.set_postfix_str(f"{name}: {len(meta['variants'])} variants, {meta['seconds']:.1f} s")
+        bar.close()
+    return _assemble(directory, manifest, found, done, paths)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _assemble(directory, manifest, found_names, done, paths) -> Database:
+    layers = OrderedDict((n, _entry(done[n], paths[n])) for n in found_names if n in done)
+    return Database(directory, manifest, layers)
+
+
+def load_database(directory: Union[str, os.PathLike], model: Optional[nn.Module] = None,
+                  *, complete: bool = True) -> Database:
+    """Open a database. With ``model``, refuse it unless it was built from these very weights
+    (names, shapes and weight hashes of its layers). ``complete``: refuse a database whose build
+    has not finished every layer."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.exists():
+        raise ValueError(f"{directory} is not an obcompress database (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except Exception as e:
+        raise ValueError(f"{path}: unreadable database manifest ({e})") from None
+    if manifest.get("format") != DATABASE_FORMAT:
+        raise ValueError(f"{directory} is not an obcompress database")
+    if manifest.get("version") != DATABASE_VERSION:
+        raise ValueError(f"{directory}: database version {manifest.get('version')}, this obcompress reads "
+                         f"version {DATABASE_VERSION}: rebuild it")
+    names = list(manifest["model"])
+    if not names:
+        raise ValueError(f"{directory}: the database has no layer")
+    if model is not None:
+        found = find_layers(model, None, ())
+        for name, m in manifest["model"].items():
+            info = found.get(name)
+            if info is None:
+                raise ValueError(f"the database at {directory} was built for another model: it has layer {name}, "
+                                 "this model does not")
+            if [info.groups, info.rows, info.cols] != m["shape"]:
+                raise ValueError(f"the database at {directory} was built for another model: layer {name} has shape "
+                                 f"{m['shape']} there, {[info.groups, info.rows, info.cols]} here")
+            if weight_hash(info) != m["weight_hash"]:
+                raise ValueError(f"the database at {directory} was built for other weights: layer {name} differs")
+    paths = {name: directory / LAYER_DIR / f"{_safe_name(name)}.safetensors" for name in names}
+    done = {}
+    for name in names:
+        meta = _read_layer_meta(paths[name])
+        if meta is not None and meta.get("weight_hash") == manifest["model"][name]["weight_hash"]:
+            done[name] = meta
+    missing = [n for n in names if n not in done]
+    if missing and complete:
+        raise ValueError(f"the database at {directory} is incomplete: {len(missing)} of {len(names)} layers missing "
+                         f"(first: {missing[0]}); run the build again to resume it")
+    return _assemble(directory, manifest, names, done, paths)

@@ -1,0 +1,274 @@
+"""The search space of non-uniform compression: the variants a layer may take, and its geometry.
+
+A ``Variant`` is one way to compress one layer: a sparsity pattern (unstructured at a level,
+N:M, or blocks of c columns at a level) and/or a weight bit width. The default space is the OBC
+paper's: unstructured levels on the grid density = 0.9^k up to 99 % sparsity, block-4 up to 95 %,
+2:4, weights at 8/6/4/3/2 bits, and joint combinations (2:4 or a few unstructured levels, each
+with every bit width). A layer takes only the variants its shape admits (N:M and blocks need
+columns divisible by M or c).
+
+``LayerGeometry`` is what the cost models need to know of a layer, and nothing else: its weight
+shape as solver problems and how many output positions one sample gives (tokens, pixels).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+from ..solvers import parse_mask_structure
+
+__all__ = ["Variant", "SearchSpace", "LayerGeometry", "paper_levels", "default_space"]
+
+BIT_WIDTHS = (8, 6, 4, 3, 2)
+
+
+def paper_levels(max_sparsity: float, step: float = 0.9) -> Tuple[float, ...]:
+    """Sparsity levels 1 - step^k, k = 1, 2, ..., up to ``max_sparsity`` (rounded to 4 decimals,
+    the precision a variant key keeps)."""
+    if not 0 < step < 1:
+        raise ValueError(f"the density step must be in (0, 1), got {step}")
+    if not 0 < max_sparsity < 1:
+        raise ValueError(f"max_sparsity must be in (0, 1), got {max_sparsity}")
+    out = []
+    k = 1
+    while True:
+        s = round(1 - step ** k, 4)
+        if s > max_sparsity + 1e-12:
+            break
+        out.append(s)
+        k += 1
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compressed form of a layer.
+
+    ``structure``: "unstructured", "N:M" (N kept of every M) or "block:c"; ``sparsity``: the fraction
+    of weights pruned (for N:M it is the structure's own, 1 - N/M); ``bits``: weight bits, None for
+    float weights. ``Variant()`` is the dense float layer.
+    """
+
+    structure: str = "unstructured"
+    sparsity: float = 0.0
+    bits: Optional[int] = None
+
+    def __post_init__(self):
+        ms = parse_mask_structure(self.structure)
+        object.__setattr__(self, "structure", str(ms))
+        if ms.kind == "nm":
+            object.__setattr__(self, "sparsity", round(ms.fixed_sparsity, 4))
+        else:
+            s = float(self.sparsity)
+            if not 0.0 <= s < 1.0 or math.isnan(s):
+                raise ValueError(f"variant sparsity must be in [0, 1), got {self.sparsity!r}")
+            object.__setattr__(self, "sparsity", round(s, 4))
+            if ms.kind == "block" and s == 0.0:
+                object.__setattr__(self, "structure", "unstructured")
+        if self.bits is not None:
+            if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+                raise ValueError(f"variant bits must be an integer in 2..8 or None, got {self.bits!r}")
+
+    @property
+    def density(self) -> float:
+        return 1.0 - self.sparsity
+
+    @property
+    def pruned(self) -> bool:
+        return self.sparsity > 0
+
+    @property
+    def kind(self) -> str:
+        """'unstructured' | 'nm' | 'block' (of the sparsity pattern)."""
+        return parse_mask_structure(self.structure).kind
+
+    @property
+    def key(self) -> str:
+        """A short stable name: 'dense', 's0.5217', '2:4', 'block4@0.7500', 'w4', 's0.5217+w4', '2:4+w3'."""
+        parts = []
+        if self.pruned:
+            kind = self.kind
+            if kind == "unstructured":
+                parts.append(f"s{self.sparsity:.4f}")
+            elif kind == "nm":
+                parts.append(self.structure)
+            else:
+                parts.append(f"block{parse_mask_structure(self.structure).block}@{self.sparsity:.4f}")
+        if self.bits is not None:
+            parts.append(f"w{self.bits}")
+        return "+".join(parts) if parts else "dense"
+
+    @classmethod
+    def from_key(cls, key: str) -> "Variant":
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"a variant key must be a non-empty string, got {key!r}")
+        if key == "dense":
+            return cls()
+        structure, sparsity, bits = "unstructured", 0.0, None
+        for part in key.split("+"):
+            try:
+                if part.startswith("w"):
+                    bits = int(part[1:])
+                elif part.startswith("s"):
+                    sparsity = float(part[1:])
+                elif part.startswith("block"):
+                    c, lvl = part[5:].split("@")
+                    structure, sparsity = f"block:{int(c)}", float(lvl)
+                elif ":" in part:
+                    structure = part
+                else:
+                    raise ValueError
+            except ValueError:
+                raise ValueError(f"not a variant key: {key!r} (expected e.g. 'dense', 's0.5000', '2:4+w4', "
+                                 "'block4@0.7500', 'w8')") from None
+        return cls(structure, sparsity, bits)
+
+    def fits(self, cols: int) -> bool:
+        """Whether a layer with ``cols`` columns per group admits this pattern."""
+        try:
+            parse_mask_structure(self.structure, cols)
+        except ValueError:
+            return False
+        return True
+
+    def recipe_entry(self, activation_bits: Optional[int] = None) -> Dict[str, Any]:
+        """The per-layer recipe override that makes ``compress`` produce this variant (solver exact)."""
+        out: Dict[str, Any] = {"solver": "exact"}
+        if self.pruned:
+            sp: Dict[str, Any] = {"mask_structure": self.structure}
+            if self.kind != "nm":
+                sp["sparsity"] = self.sparsity
+            out["sparsity"] = sp
+        else:
+            out["sparsity"] = None
+        if self.bits is not None:
+            q: Dict[str, Any] = {"num_bits": self.bits}
+            if activation_bits is not None:
+                q["activations"] = {"num_bits": activation_bits}
+            out["quantization"] = q
+        else:
+            out["quantization"] = None
+        return out
+
+    def __str__(self) -> str:
+        return self.key
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The variants every layer is offered (a layer keeps those its shape admits), plus the
+    settings shared by all: grid symmetry and dampening, as in a recipe."""
+
+    variants: Tuple[Variant, ...]
+    symmetric: bool = True
+    damp: Any = "auto"
+
+    def __post_init__(self):
+        vs = tuple(self.variants)
+        if not vs:
+            raise ValueError("the search space has no variant")
+        for v in vs:
+            if not isinstance(v, Variant):
+                raise ValueError(f"search space entries must be Variants, got {type(v).__name__}")
+        keys = [v.key for v in vs]
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        if dup:
+            raise ValueError(f"the search space lists variants twice: {dup}")
+        if Variant() not in vs:
+            vs = (Variant(),) + vs  # the dense layer is always a choice: the DP's fallback
+        object.__setattr__(self, "variants", vs)
+
+    def for_layer(self, cols: int) -> List[Variant]:
+        return [v for v in self.variants if v.fits(cols)]
+
+    @property
+    def sparsities(self) -> Tuple[float, ...]:
+        """Unstructured levels the space needs from the pruning database (alone or joint)."""
+        return tuple(sorted({v.sparsity for v in self.variants if v.pruned and v.kind == "unstructured"}))
+
+    @property
+    def structures(self) -> Tuple[str, ...]:
+        """Pruning databases the space needs: 'unstructured', '2:4', 'block:4', ..."""
+        return tuple(sorted({v.structure for v in self.variants if v.pruned}))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"variants": [v.key for v in self.variants], "symmetric": self.symmetric, "damp": self.damp}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "SearchSpace":
+        if not isinstance(d, Mapping):
+            raise ValueError(f"a search space must be a mapping, got {type(d).__name__}")
+        unknown = set(d) - {"variants", "symmetric", "damp"}
+        if unknown:
+            raise ValueError(f"unknown search space keys: {sorted(unknown)}")
+        return cls(tuple(Variant.from_key(k) for k in d["variants"]), bool(d.get("symmetric", True)),
+                   d.get("damp", "auto"))
+
+
+def default_space(
+    *,
+    bits: Sequence[int] = BIT_WIDTHS,
+    max_sparsity: float = 0.99,
+    block: int = 4,
+    max_block_sparsity: float = 0.95,
+    nm: Optional[str] = "2:4",
+    joint_levels: Sequence[int] = (2, 4, 7, 13),
+    joint: bool = True,
+    step: float = 0.9,
+) -> SearchSpace:
+    """The OBC paper's space. ``joint_levels``: the k of the unstructured levels 1 - 0.9^k that are
+    also combined with every bit width (default about 19 %, 34 %, 52 % and 75 %)."""
+    levels = paper_levels(max_sparsity, step)
+    out: List[Variant] = [Variant()]
+    out += [Variant("unstructured", s) for s in levels]
+    if block:
+        out += [Variant(f"block:{block}", s) for s in paper_levels(max_block_sparsity, step)]
+    if nm:
+        out.append(Variant(nm))
+    out += [Variant(bits=b) for b in bits]
+    if joint:
+        if nm:
+            out += [Variant(nm, bits=b) for b in bits]
+        for k in joint_levels:
+            if not 1 <= k <= len(levels):
+                raise ValueError(f"joint level k={k} is not on the grid 1..{len(levels)}")
+            out += [Variant("unstructured", levels[k - 1], b) for b in bits]
+    return SearchSpace(tuple(out))
+
+
+@dataclass(frozen=True)
+class LayerGeometry:
+    """A layer as the cost models see it.
+
+    ``groups`` x (``rows`` x ``cols``) weights (conv: cols = in_channels/groups x taps);
+    ``positions``: output positions per sample, averaged over the calibration data (1 for a
+    Linear on vectors, the tokens of a sequence, out_h x out_w of a conv2d).
+    """
+
+    name: str
+    kind: str
+    groups: int
+    rows: int
+    cols: int
+    taps: int = 1
+    positions: float = 1.0
+    has_bias: bool = False
+
+    @property
+    def weights(self) -> int:
+        return self.groups * self.rows * self.cols
+
+    @property
+    def macs(self) -> float:
+        """Dense multiply-accumulates per sample."""
+        return self.weights * self.positions
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "groups": self.groups, "rows": self.rows,
+                "cols": self.cols, "taps": self.taps, "positions": self.positions, "has_bias": self.has_bias}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LayerGeometry":
+        return cls(**{k: d[k] for k in ("name", "kind", "groups", "rows", "cols", "taps", "positions", "has_bias")})
