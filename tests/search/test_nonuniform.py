@@ -1,0 +1,144 @@
+import copy
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from obcompress.api import compress
+from obcompress.model import find_layers, weight_groups
+from obcompress.search import SearchSpace, Variant
+from obcompress.search.costs import make_cost, model_totals
+from obcompress.search.database import build_database
+from obcompress.search.nonuniform import (
+    CalibrationLoss, best_uniform, layer_loss_scores, parse_goal, select_dp, spdy, stitched_loss, uniform_configs,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc1 = nn.Linear(8 * 9, 16)
+        self.fc2 = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+SPACE = SearchSpace((
+    Variant("unstructured", 0.5), Variant("unstructured", 0.75), Variant("2:4"),
+    Variant(bits=8), Variant(bits=4), Variant(bits=2), Variant("2:4", bits=4), Variant("unstructured", 0.5, 4),
+))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    torch.manual_seed(0)
+    model = Net().eval()
+    data = [(torch.randn(64, 2, 3, 3), torch.zeros(64)) for _ in range(2)]
+    db = build_database(model, data, tmp_path_factory.mktemp("db"), SPACE, num_calibration_samples=128,
+                        progress=False)
+    return model, data, db
+
+
+def test_goal_parsing_and_errors(setup):
+    _, _, db = setup
+    g = parse_goal("bops=1/8")
+    assert g.fraction == 0.125 and g.reduction == 8 and g.cost.name == "bops"
+    assert parse_goal("size=0.25").cost.name == "size"
+    for bad in ("bops", "bops=8", "bops=0", "bops=-1/4", "bops=x", "speed=1/2"):
+        with pytest.raises(ValueError):
+            parse_goal(bad)
+    with pytest.raises(ValueError, match="cannot be reached"):
+        select_dp(db, parse_goal("size=1/1000"))
+
+
+def test_dp_is_feasible_and_optimal_against_brute_force(setup):
+    _, _, db = setup
+    for text in ("bops=1/6", "size=1/5", "flops=1/2"):
+        goal = parse_goal(text)
+        cfg = select_dp(db, goal, buckets=5000)
+        geoms = db.geometries
+        assert cfg.cost == pytest.approx(model_totals(goal.cost, geoms, cfg.choice))
+        assert cfg.cost <= goal.fraction * cfg.dense_cost * (1 + 1e-12)
+        exact = select_dp(db, goal, exact=True)
+        # brute force over every configuration (3 layers)
+        opts = [db.options(n) for n in db.names]
+        best = min(
+            (sum(db.layers[n].score(v.key) for n, v in zip(db.names, combo)), combo)
+            for combo in itertools.product(*opts)
+            if model_totals(goal.cost, geoms, dict(zip(db.names, combo))) <= goal.fraction * cfg.dense_cost
+        )
+        assert exact.score == pytest.approx(best[0], rel=1e-9, abs=1e-12)
+        assert cfg.score >= exact.score - 1e-12
+        # the DP's rounding bound: no worse than the optimum at budget - slack
+        tighter = min(
+            (sum(db.layers[n].score(v.key) for n, v in zip(db.names, combo)))
+            for combo in itertools.product(*opts)
+            if model_totals(goal.cost, geoms, dict(zip(db.names, combo)))
+            <= goal.fraction * cfg.dense_cost - cfg.info["slack"]
+        )
+        assert cfg.score <= tighter + 1e-12
+
+
+def test_uniform_baselines(setup):
+    _, _, db = setup
+    cost = make_cost("size")
+    ucs = uniform_configs(db, cost)
+    assert {c.info["variant"] for c in ucs} == {v.key for v in SPACE.variants}
+    # the 9-column conv takes 2:4's fallback: unstructured at the nearest level with the same bits
+    u24 = next(c for c in ucs if c.info["variant"] == "2:4+w4")
+    assert u24.choice["conv"].key == "s0.5000+w4" and u24.choice["fc1"].key == "2:4+w4"
+    goal = parse_goal("size=1/6")
+    best = best_uniform(db, goal, top=2)
+    assert all(c.cost <= goal.fraction * c.dense_cost for c in best)
+    assert select_dp(db, goal).score <= best[0].score + 1e-12
+
+
+def test_recipe_from_a_configuration_is_what_compress_applies(setup):
+    model, data, db = setup
+    cfg = select_dp(db, parse_goal("bops=1/10"))
+    m1, m2 = copy.deepcopy(model), copy.deepcopy(model)
+    db.apply(m1, cfg.choice)
+    compress(m2, cfg.recipe(db), data, num_calibration_samples=128, progress=False)
+    f1, f2 = find_layers(m1), find_layers(m2)
+    for n in db.names:
+        torch.testing.assert_close(weight_groups(f1[n]), weight_groups(f2[n]), rtol=1e-4, atol=1e-5)
+
+
+def test_spdy_never_worse_than_the_dp_and_leaves_the_model_dense(setup):
+    model, data, db = setup
+    before = {n: weight_groups(i).clone() for n, i in find_layers(model).items()}
+    goal = parse_goal("bops=1/12")
+    cfg = spdy(db, model, data, goal, num_samples=128, restarts=3, steps=6, progress=False)
+    assert cfg.cost <= goal.fraction * cfg.dense_cost * (1 + 1e-12)
+    assert cfg.info["calibration_loss"] <= cfg.info["dp_loss"]
+    assert cfg.info["history"] == sorted(cfg.info["history"], reverse=True)
+    for n, i in find_layers(model).items():
+        assert torch.equal(weight_groups(i), before[n])
+    # the reported loss is the stitched model's measured loss
+    assert stitched_loss(db, model, data, cfg, num_samples=128) == pytest.approx(cfg.info["calibration_loss"], rel=1e-6)
+
+
+def test_calibration_loss_and_loss_scores(setup):
+    model, data, db = setup
+    batches = [x for x, _ in data]
+    loss = CalibrationLoss(model, batches)
+    assert loss.kind == "kl" and loss() == pytest.approx(0.0, abs=1e-9)
+    scores = layer_loss_scores(db, model, data, num_samples=128, variants=["w2", "w8"], progress=False)
+    for n in db.names:
+        assert scores[n]["dense"] == 0.0
+        assert scores[n]["w2"] >= scores[n]["w8"] >= 0.0
+    with pytest.raises(ValueError):
+        CalibrationLoss(model, batches, kind="l1")
