@@ -40,3 +40,40 @@ def test_errors_are_one_line_and_exit_2(cache, capsys):
     with pytest.raises(SystemExit) as e:
         main(["eval", "--model", "no-such-model"])
     assert e.value.code == 2 and "unknown model" in capsys.readouterr().err
+
+
+def test_search_build_resume_select_sweep_report(cache, capsys):
+    space = cache / "space.yaml"
+    space.write_text("variants: [s0.5000, 2:4, w8, w4, w2, 2:4+w4]\n")
+    db = cache / "db"
+    args = ["--model", "digits-cnn", "--db", str(db), "--calibration-samples", "128", "--no-progress"]
+    assert main(["search", "build", *args, "--space", str(space), "--stop-after", "1"]) == 0
+    assert "1 of 4 layers" in capsys.readouterr().out
+    assert main(["search", "build", *args, "--space", str(space)]) == 0
+    assert "4 of 4 layers" in capsys.readouterr().out
+    recipe = cache / "r.yaml"
+    assert main(["search", "select", *args, "--goal", "bops=1/10", "--out", str(recipe), "--eval"]) == 0
+    text = capsys.readouterr().out
+    assert "selected: accuracy" in text and recipe.exists()
+    # the written recipe is one that compress takes as it is
+    assert main(["compress", "--model", "digits-cnn", "--recipe", str(recipe), "--out", str(cache / "art"),
+                 "--calibration-samples", "128", "--no-progress"]) == 0
+    capsys.readouterr()
+    sweep = cache / "sweep"
+    assert main(["search", "sweep", *args, "--goals", "size=1/8,bops=1/12", "--spdy-restarts", "1",
+                 "--spdy-steps", "2", "--spdy-samples", "64", "--out", str(sweep)]) == 0
+    doc = json.loads((sweep / "sweep.json").read_text())
+    assert {(r["goal"]["cost"]["name"], r["method"]) for r in doc["runs"]} == {
+        (c, m) for c in ("size", "bops") for m in ("uniform", "dp", "spdy")}
+    assert all(r["reduction"] >= r["goal"]["reduction"] * (1 - 1e-9) for r in doc["runs"])
+    capsys.readouterr()
+    assert main(["report", str(sweep)]) == 0
+    assert (sweep / "pareto_size.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # another space into the same directory is refused; an impossible goal is one clear error
+    space.write_text("variants: [w4]\n")
+    with pytest.raises(SystemExit) as e:
+        main(["search", "build", *args, "--space", str(space)])
+    assert e.value.code == 2 and "another space" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["search", "select", *args, "--goal", "size=1/1000", "--out", str(recipe)])
+    assert e.value.code == 2 and "cannot be reached" in capsys.readouterr().err

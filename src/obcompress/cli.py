@@ -1,4 +1,4 @@
-"""Command line: ``obcompress compress | eval | report | demo`` (search and export follow)."""
+"""Command line: ``obcompress compress | eval | report | demo | search`` (export follows)."""
 
 from __future__ import annotations
 
@@ -49,8 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a model, dense or from an artifact")
     ev.add_argument("--model", required=True, metavar="M")
     ev.add_argument("--artifact", metavar="DIR", help="load this artifact into the model first")
-    rep = sub.add_parser("report", help="print an artifact's per-layer report and sizes")
+    rep = sub.add_parser("report", help="print an artifact's per-layer report and sizes, or plot a search sweep",
+                         description="DIR is an artifact (prints its per-layer report) or a directory written by "
+                                     "`obcompress search sweep` (draws pareto_<cost>.png and layers_*.png into it).")
     rep.add_argument("directory", metavar="DIR")
+    _search_parser(sub)
     demo.add_argument("--out", default="out/demo", metavar="DIR",
                       help="where the artifact of the last whole-model recipe is written (default out/demo)")
     demo.add_argument("--solvers-only", action="store_true", help="only the per-layer solver comparison")
@@ -90,6 +93,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _eval(args)
         if args.command == "report":
             return _report(args)
+        if args.command == "search":
+            return _search(args, parser)
     except (ValueError, ZooUnavailable) as e:
         # ZooUnavailable: an optional package or a data download is missing; its message says what to do.
         parser.exit(2, f"obcompress {args.command}: error: {e}\n")
@@ -148,6 +153,12 @@ def _report(args) -> int:
     from obcompress.formats import read_config
 
     directory = Path(args.directory)
+    from obcompress.search.sweep import SWEEP_FILE, write_sweep_plots
+
+    if (directory / SWEEP_FILE).exists():
+        for p in write_sweep_plots(directory):
+            print(f"wrote {p}")
+        return 0
     config = read_config(directory)
     try:
         report = json.loads((directory / "report.json").read_text(encoding="utf-8"))
@@ -166,6 +177,135 @@ def _report(args) -> int:
           f"({report['compression_ratio']}x smaller); format version {config['format_version']}")
     if report.get("metrics"):
         _print_metrics("metrics", report["metrics"])
+    return 0
+
+
+def _search_parser(sub) -> None:
+    se = sub.add_parser("search", help="non-uniform compression: build a layer database, choose per-layer variants",
+                        description="Build a database of every layer's variants (resumable), then choose one "
+                                    "variant per layer under a budget with the DP or SPDY; the result is a recipe "
+                                    "that `obcompress compress` applies.")
+    ss = se.add_subparsers(dest="search_command", metavar="STEP")
+
+    def common(p, db_required=True):
+        p.add_argument("--model", required=True, metavar="M", help="zoo name or path/to/file.py:factory")
+        p.add_argument("--db", required=db_required, metavar="DIR", help="database directory")
+        p.add_argument("--calibration-samples", type=int, default=256, metavar="N")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    b = ss.add_parser("build", help="build or resume a model's database",
+                      description="Compress every selected layer in every variant of the space (the OBC paper's "
+                                  "by default) and store the records under --db; run it again to resume.")
+    common(b)
+    b.add_argument("--space", metavar="FILE", help="YAML/JSON {variants: [keys...]} instead of the default space, "
+                   "keys like dense, s0.5217, 2:4, block4@0.7458, w4, 2:4+w4, s0.5217+w3")
+    b.add_argument("--targets", type=_csv, default=None, metavar="T1,T2", help="layers to include (names, classes, re:)")
+    b.add_argument("--ignore", type=_csv, default=[], metavar="I1,I2", help="layers to leave out")
+    b.add_argument("--overwrite", action="store_true", help="replace a database of another model/data/space in --db")
+    b.add_argument("--stop-after", type=int, default=None, metavar="K", help="build at most K more layers now")
+
+    def goal_args(p):
+        p.add_argument("--activation-bits", type=int, default=8, metavar="B",
+                       help="activation width the BOPs cost assumes for quantized layers, written into the recipe "
+                            "(0: weights only; default 8)")
+        p.add_argument("--buckets", type=int, default=10000, help="DP budget buckets (default 10000)")
+        p.add_argument("--spdy-restarts", type=int, default=16, metavar="N")
+        p.add_argument("--spdy-steps", type=int, default=100, metavar="N")
+        p.add_argument("--spdy-samples", type=int, default=64, metavar="N",
+                       help="calibration samples SPDY scores a candidate on (default 64)")
+        p.add_argument("--correction", choices=("none", "bn"), default="none",
+                       help="re-estimate BatchNorm statistics on each candidate before scoring/evaluating it")
+
+    c = ss.add_parser("select", help="choose per-layer variants for one goal and write the recipe")
+    common(c)
+    c.add_argument("--goal", required=True, metavar="COST=FRACTION", help="e.g. bops=1/8, size=1/16, flops=1/4")
+    c.add_argument("--method", choices=("dp", "exact", "spdy", "uniform"), default="dp",
+                   help="dp (bucketed), exact (MILP), spdy, or the best uniform setting by score")
+    c.add_argument("--out", required=True, metavar="FILE", help="recipe YAML to write")
+    c.add_argument("--eval", action="store_true", help="evaluate the chosen configuration (stitched from the database)")
+    goal_args(c)
+
+    w = ss.add_parser("sweep", help="accuracy of uniform / DP / SPDY at several goals (then `obcompress report DIR`)")
+    common(w)
+    w.add_argument("--goals", type=_csv, required=True, metavar="G1,G2", help="e.g. bops=1/4,bops=1/8,size=1/16")
+    w.add_argument("--methods", type=_csv, default=["uniform", "dp", "spdy"], metavar="M1,M2")
+    w.add_argument("--out", required=True, metavar="DIR", help="directory for sweep.json, recipes and plots")
+    goal_args(w)
+
+
+def _search(args, parser) -> int:
+    import yaml
+
+    from obcompress.search import SearchSpace, default_space
+    from obcompress.search.database import build_database, load_database
+
+    if args.search_command is None:
+        parser.exit(2, "obcompress search: error: give a step: build, select or sweep\n")
+    entry = _resolve(args.model, args.calibration_samples)
+    progress = not args.no_progress
+    if args.search_command == "build":
+        space = default_space()
+        if args.space:
+            try:
+                with open(args.space, encoding="utf-8") as f:
+                    # Every scalar as text: YAML 1.1 would read an unquoted 2:4 as the number 124.
+                    d = yaml.load(f, Loader=yaml.BaseLoader)
+                if isinstance(d, dict) and isinstance(d.get("symmetric"), str):
+                    d["symmetric"] = d["symmetric"].strip().lower() in ("true", "yes", "on", "1")
+                if isinstance(d, dict) and isinstance(d.get("damp"), str) and d["damp"] != "auto":
+                    d["damp"] = float(d["damp"])
+                space = SearchSpace.from_dict(d)
+            except OSError as e:
+                raise ValueError(f"--space {args.space}: {e}") from None
+        db = build_database(entry.model, entry.calibration, args.db, space,
+                            num_calibration_samples=args.calibration_samples, targets=args.targets,
+                            ignore=args.ignore, overwrite=args.overwrite, progress=progress,
+                            stop_after=args.stop_after)
+        total = len(db.manifest["model"])
+        print(f"database {args.db}: {len(db.layers)} of {total} layers, "
+              f"{sum(len(e.variants) for e in db.layers.values())} variants, {db.nbytes / 2**20:.1f} MiB on disk, "
+              f"{db.build_seconds:.0f} s of building")
+        if len(db.layers) < total:
+            print("incomplete: run the same command again to resume")
+        return 0
+    db = load_database(args.db, entry.model)
+    act = args.activation_bits or None
+    if args.search_command == "select":
+        from obcompress.search.nonuniform import best_uniform, parse_goal, select_dp, spdy
+        from obcompress.search.sweep import _correction
+
+        goal = parse_goal(args.goal, **({"activation_bits": act} if args.goal.strip().startswith("bops") and act else {}))
+        if args.method == "uniform":
+            cfg = best_uniform(db, goal)[0]
+        elif args.method == "spdy":
+            from obcompress.model.calibration import calibration_batches
+
+            batches = calibration_batches(entry.calibration, args.calibration_samples)
+            cfg = spdy(db, entry.model, batches, goal, num_samples=args.spdy_samples, restarts=args.spdy_restarts,
+                       steps=args.spdy_steps, correction=_correction(args.correction, batches), progress=progress)
+        else:
+            cfg = select_dp(db, goal, buckets=args.buckets, exact=args.method == "exact")
+        recipe = cfg.recipe(db, activation_bits=act if goal.cost.name == "bops" else None)
+        with open(args.out, "w", encoding="utf-8") as f:
+            yaml.safe_dump(recipe, f, sort_keys=False)
+        print(f"{'layer':<40} {'variant':>14} {'score':>10}")
+        for n, v in cfg.choice.items():
+            print(f"{n:<40} {v.key:>14} {db.layers[n].score(v.key):>10.4g}")
+        print(f"{cfg.method}: {goal.cost.name} {cfg.cost:.4g} of dense {cfg.dense_cost:.4g} ({cfg.reduction:.2f}x), "
+              f"total score {cfg.score:.4g}; recipe written to {args.out}")
+        if args.eval:
+            m = entry.model
+            db.apply(m, cfg.choice)
+            _print_metrics("dense", entry.evaluate(_resolve(args.model, args.calibration_samples).model))
+            _print_metrics("selected", entry.evaluate(m))
+        return 0
+    from obcompress.search.sweep import run_sweep
+
+    run_sweep(db, entry.model, entry.calibration, entry.evaluate, args.goals, args.out, methods=args.methods,
+              activation_bits=act, buckets=args.buckets, spdy_restarts=args.spdy_restarts,
+              spdy_steps=args.spdy_steps, spdy_samples=args.spdy_samples, correction=args.correction,
+              num_calibration_samples=args.calibration_samples, progress=progress)
+    print(f"sweep written to {args.out}; plot it with: obcompress report {args.out}")
     return 0
 
 

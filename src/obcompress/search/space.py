@@ -102,6 +102,9 @@ class Variant:
 
     @classmethod
     def from_key(cls, key: str) -> "Variant":
+        if isinstance(key, int) and not isinstance(key, bool):
+            raise ValueError(f"a variant key must be a string, got the number {key} (YAML 1.1 reads an unquoted "
+                             "N:M such as 2:4 as a base-60 number: quote it, '2:4')")
         if not isinstance(key, str) or not key:
             raise ValueError(f"a variant key must be a non-empty string, got {key!r}")
         if key == "dense":
