@@ -3,13 +3,14 @@
 Per layer one safetensors file holds what it takes to rebuild any variant of the search space
 exactly, and nothing per sparsity level (DESIGN.md section 2):
 
-- ``H``: the layer's Hessian per group (float64), which the least-squares re-fit of a pruning level
-  needs;
+- ``H_upper``: the upper triangle of the layer's Hessian per group (float64), which the
+  least-squares re-fit of a pruning level needs;
 - per pruning structure (unstructured, N:M, block:c) the greedy ExactOBS record: the elimination
   order (int16 where the columns allow) and the loss of every step (float32); any level's mask is
   assembled from it and its weights re-fitted on demand;
-- per quantized variant (dense or on a pruning level's mask: joint OBC) the OBQ codes, bit-packed,
-  and the per-row grid (scale, zero point).
+- per quantized variant (dense or on a pruning level's mask: joint OBC) the OBQ codes, bit-packed
+  (of the kept weights only, with a bitmask, for a joint variant), and the per-row grid (scale,
+  zero point).
 
 Its JSON metadata lists every variant with its layer loss ``1/2 tr(dW H dW^T)`` (w.r.t. the undamped
 H: for a pruning level of an undampened layer the sum of its greedy steps' losses, which is the
@@ -44,7 +45,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..formats.packing import pack_bits, unpack_bits
+from ..formats.packing import pack_bits, pack_mask, unpack_bits, unpack_mask
 from ..model.calibration import HessianHooks, calibration_batches, count_samples, run_model
 from ..model.layers import LayerInfo, find_layers, set_weight_groups, weight_groups
 from ..solvers import QuantGrid, layer_loss, obq_quantize, parse_mask_structure
@@ -145,7 +146,9 @@ def _build_layer(name: str, info: LayerInfo, H: torch.Tensor, space: SearchSpace
     G, R, C = Wg.shape
     columns_last = info.taps if info.taps > 1 else None
     options = space.for_layer(C)
-    tensors: Dict[str, torch.Tensor] = {"H": Hg.to(torch.float64).contiguous()}
+    # H is symmetric: its upper triangle (float64, the re-fit's precision) is half the bytes.
+    iu = torch.triu_indices(C, C)
+    tensors: Dict[str, torch.Tensor] = {"H_upper": Hg.to(torch.float64)[:, iu[0], iu[1]].contiguous()}
     variants: "OrderedDict[str, Dict[str, Any]]" = OrderedDict()
     damp: Dict[str, List[float]] = {}
     energy = sum(layer_loss(Wg[g], torch.zeros_like(Wg[g]), Hg[g]) for g in range(G))
@@ -190,12 +193,13 @@ def _build_layer(name: str, info: LayerInfo, H: torch.Tensor, space: SearchSpace
         if v.bits is None:
             continue
         t0 = time.perf_counter()
-        codes, scales, zeros, loss = [], [], [], 0.0
+        codes, scales, zeros, masks, loss = [], [], [], [], 0.0
         for g in range(G):
             mask = None
             if v.pruned:
                 d = dbs[v.structure][g]
                 mask = d.keep_mask(None if v.kind == "nm" else v.sparsity)
+                masks.append(mask)
             grid = QuantGrid.fit(Wg[g], v.bits, symmetric=space.symmetric, strategy="channel")
             try:
                 res = obq_quantize(Wg[g], Hg[g], grid, mask=mask, damp=space.damp)
@@ -208,6 +212,11 @@ def _build_layer(name: str, info: LayerInfo, H: torch.Tensor, space: SearchSpace
             loss += res.loss
         tag = v.key.replace(":", "_").replace("@", "_")
         stacked = torch.stack(codes)
+        if v.pruned:
+            # Pruned weights need no code: the mask (1 bit) and the kept codes are smaller.
+            keep = torch.stack([res_mask for res_mask in masks])
+            tensors[f"mask.{tag}"] = pack_mask(keep)
+            stacked = stacked[keep]
         tensors[f"codes.{tag}"] = pack_bits(stacked.flatten(), v.bits)
         tensors[f"scale.{tag}"] = torch.stack(scales).to(torch.float32).contiguous()
         tensors[f"zero.{tag}"] = torch.stack(zeros).to(torch.float32).contiguous()
@@ -316,6 +325,17 @@ class Database:
             self._tensor_cache[name] = out
         return self._tensor_cache[name]
 
+    def hessian(self, name: str) -> torch.Tensor:
+        """The layer's H per group, (groups, cols, cols) float64, as the build used it."""
+        t = self._tensors(name)
+        C = self._layer(name).geometry.cols
+        iu = torch.triu_indices(C, C)
+        up = t["H_upper"]
+        H = torch.zeros(up.shape[0], C, C, dtype=torch.float64)
+        H[:, iu[0], iu[1]] = up
+        H[:, iu[1], iu[0]] = up
+        return H
+
     def _obs(self, name: str, structure: str, Wg: torch.Tensor) -> List[ObsDatabase]:
         ck = (name, structure)
         if ck not in self._obs_cache:
@@ -324,7 +344,7 @@ class Database:
             tag = structure.replace(":", "_")
             if f"order.{tag}" not in t:
                 raise ValueError(f"layer {name}: the database has no {structure} pruning record")
-            H = t["H"]
+            H = self.hessian(name)
             cl = e.geometry.taps if e.geometry.taps > 1 else None
             self._obs_cache[ck] = [
                 ObsDatabase.restore(Wg[g], H[g], structure, t[f"order.{tag}"][g].to(torch.int32),
@@ -354,7 +374,14 @@ class Database:
         t = self._tensors(name)
         tag = v.key.replace(":", "_").replace("@", "_")
         n = g.groups * g.rows * g.cols
-        codes = unpack_bits(t[f"codes.{tag}"], v.bits, n).reshape(g.groups, g.rows, g.cols)
+        if v.pruned:
+            keep = unpack_mask(t[f"mask.{tag}"], (g.groups, g.rows, g.cols))
+            # A pruned weight's code is the grid's zero point: it decodes to exactly 0.
+            codes = torch.stack([t[f"zero.{tag}"][k].round().to(torch.uint8).expand(g.rows, g.cols)
+                                 for k in range(g.groups)]).clone()
+            codes[keep] = unpack_bits(t[f"codes.{tag}"], v.bits, int(keep.sum()))
+        else:
+            codes = unpack_bits(t[f"codes.{tag}"], v.bits, n).reshape(g.groups, g.rows, g.cols)
         out = torch.empty(g.groups, g.rows, g.cols)
         for k in range(g.groups):
             grid = QuantGrid(v.bits, t[f"scale.{tag}"][k], t[f"zero.{tag}"][k], self.space.symmetric, "channel")
