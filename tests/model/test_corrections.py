@@ -234,3 +234,19 @@ def test_statistics_correction_refuses_mismatched_models_and_non_finite_outputs(
     assert all(m.training for m in comp.modules())
     with pytest.raises(ValueError, match="same calibration batches"):
         statistics_correction(_perturbed(dense), norm_statistics(dense, _batches()), _batches(sizes=(4, 4)))
+
+
+def test_statistics_correction_in_one_pass_equals_one_pass_per_layer():
+    dense = CNN().eval()
+    batches = _batches()
+    comp_a, comp_b = _perturbed(dense), _perturbed(dense)
+    rep_a = statistics_correction(comp_a, dense, batches, one_pass=True)
+    rep_b = statistics_correction(comp_b, dense, batches, one_pass=False)
+    assert list(rep_a) == list(rep_b)
+    for n in rep_a:
+        assert rep_a[n][0] == pytest.approx(rep_b[n][0], rel=1e-4, abs=1e-6)
+        assert rep_a[n][1] < 1e-4 and rep_b[n][1] < 1e-4
+    for (na, pa), (nb, pb) in zip(comp_a.named_parameters(), comp_b.named_parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5, msg=na)
+    with pytest.raises(ValueError, match="one_pass"):
+        statistics_correction(_perturbed(dense), dense, [{"x": b} for b in batches], one_pass=True)

@@ -312,6 +312,7 @@ def statistics_correction(
     batches: Iterable[Any],
     *,
     min_std_ratio: float = 1e-6,
+    one_pass: Optional[bool] = None,
 ) -> Dict[str, Tuple[float, float]]:
     """Correct the affine parameters of ``model``'s norm layers so that their outputs' per-channel
     mean and std on ``batches`` are those of the dense model (``dense``: the dense model itself, or
@@ -322,6 +323,13 @@ def statistics_correction(
     mean m and std s in the compressed model and m*, s* in the dense one, weight w and bias b become
     w s*/s and (b - m) s*/s + m*. A channel whose compressed std is below ``min_std_ratio`` s* (a
     channel the compression all but switched off) is only shifted: scaling it up would amplify noise.
+
+    ``one_pass``: send all calibration samples through the model as one batch and correct every
+    layer in flight, in its forward hook (its output's statistics are then those over all samples,
+    so the result is the same as one pass per layer, at the cost of one forward). Needs tensor
+    batches of one shape, and peak memory is that of a forward pass over all samples at once.
+    None (default): one pass when the batches are tensors that concatenate into at most
+    ``ONE_PASS_MAX_BYTES`` of inputs and every norm layer runs once per forward; else one pass per layer.
 
     Returns {layer: (max |mean - dense mean| over channels before, the same after)}, both measured.
     On an error no affine parameter is changed.
@@ -350,6 +358,14 @@ def statistics_correction(
     if not order:
         raise ValueError("the dense model called no normalization layer on the calibration data: nothing to correct")
     expected = dense.calls or None
+
+    joined = _one_batch(batches) if one_pass is not False else None
+    once = not dense.calls or all(c == 1 for calls in dense.calls for c in calls.values())
+    if one_pass and (joined is None or not once):
+        raise ValueError("one_pass statistics correction needs tensor batches of one shape and norm layers "
+                         "that run once per forward")
+    if joined is not None and once and (one_pass or joined.numel() * joined.element_size() <= ONE_PASS_MAX_BYTES):
+        return _correct_in_one_pass(model, dense, norms, joined, min_std_ratio)
 
     report: Dict[str, Tuple[float, float]] = {}
     modes = _Modes(model)
@@ -383,6 +399,84 @@ def statistics_correction(
                     norms[n].bias.copy_(b)
         modes.restore()
     return report
+
+
+ONE_PASS_MAX_BYTES = 512 << 20
+
+
+def _one_batch(batches: List[Any]) -> Optional[torch.Tensor]:
+    """All batches as one tensor, when they are tensors that concatenate; else None."""
+    if not all(isinstance(b, torch.Tensor) and b.dim() >= 1 for b in batches):
+        return None
+    first = batches[0]
+    if any(b.shape[1:] != first.shape[1:] or b.dtype != first.dtype or b.device != first.device for b in batches):
+        return None
+    return first if len(batches) == 1 else torch.cat(batches)
+
+
+def _correct_in_one_pass(model, dense: NormStatistics, norms, x: torch.Tensor,
+                         min_std_ratio: float) -> Dict[str, Tuple[float, float]]:
+    order = list(dense.order)
+    report: Dict[str, Tuple[float, float]] = {}
+    saved = {n: (norms[n].weight.detach().clone(), norms[n].bias.detach().clone()) for n in order}
+    modes = _Modes(model)
+    done: List[str] = []
+
+    def make_hook(name):
+        def hook(module, args, output):
+            y = _check_finite(name, output, "output")
+            acc = _ChannelMoments()
+            acc.add(*_channel_moments(module, y.detach()))
+            before = _max_shift(acc, dense.mean[name])
+            old_w = module.weight.detach().to(torch.float64).reshape(-1).clone()
+            old_b = module.bias.detach().to(torch.float64).reshape(-1).clone()
+            _set_affine(module, acc, dense.mean[name], dense.std[name], min_std_ratio)
+            # The corrected output is an affine map of the old one per channel: y' = a y + c.
+            a = module.weight.detach().to(torch.float64).reshape(-1) / torch.where(old_w == 0, torch.ones_like(old_w), old_w)
+            a = torch.where(old_w == 0, torch.ones_like(a), a)
+            c = module.bias.detach().to(torch.float64).reshape(-1) - a * old_b
+            shape = [1] * y.dim()
+            if isinstance(module, nn.LayerNorm):
+                shape = [1] * (y.dim() - len(module.normalized_shape)) + list(module.normalized_shape)
+            else:
+                shape[1] = -1
+            y2 = y * a.to(y.dtype).reshape(shape) + c.to(y.dtype).reshape(shape)
+            after = _ChannelMoments()
+            after.add(*_channel_moments(module, y2.detach()))
+            report[name] = (before, _max_shift(after, dense.mean[name]))
+            done.append(name)
+            if len(done) == len(order):
+                raise _StopForward  # nothing after the last norm layer can change what was corrected
+            return y2
+
+        return hook
+
+    handles = []
+    ok = False
+    try:
+        model.eval()
+        for name in order:
+            handles.append(norms[name].register_forward_hook(make_hook(name)))
+        with torch.no_grad():
+            try:
+                run_model(model, x)
+            except _StopForward:
+                pass
+        missing = [n for n in order if n not in report]
+        if missing:
+            raise ValueError(f"layer {missing[0]}: the model never called it on the calibration data, "
+                             "but the dense model did")
+        ok = True
+    finally:
+        for h in handles:
+            h.remove()
+        if not ok:
+            with torch.no_grad():
+                for n, (w, b) in saved.items():
+                    norms[n].weight.copy_(w)
+                    norms[n].bias.copy_(b)
+        modes.restore()
+    return OrderedDict((n, report[n]) for n in order)
 
 
 def _max_shift(acc: _ChannelMoments, dense_mean: torch.Tensor) -> float:
