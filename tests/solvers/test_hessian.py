@@ -1,4 +1,3 @@
-import importlib
 import math
 
 import pytest
@@ -276,19 +275,19 @@ def test_accumulator_conv1d_depthwise():
     torch.testing.assert_close(H[2], hessian(U[2]), rtol=1e-12, atol=1e-12)
 
 
-def test_accumulator_conv_chunking(monkeypatch):
-    # Large inputs are unfolded a few images at a time; the result must not depend on it.
-    # The package exports the function `hessian`, which shadows the submodule's attribute name.
-    hmod = importlib.import_module("obcompress.solvers.hessian")
-
+def test_accumulator_conv_paths_agree():
+    # Inputs are unfolded one image at a time, and pointwise convs take a path without unfolding;
+    # neither may change H: both equal the one-shot H of the whole unfolded batch.
     x = torch.randn(5, 3, 6, 6, generator=_gen(9))
-    ref = HessianAccumulator(27)
-    ref.add_conv_input(x, 3, padding=1)
-    monkeypatch.setattr(hmod, "_UNFOLD_CHUNK_ELEMENTS", 1)
-    small = HessianAccumulator(27)
-    small.add_conv_input(x, 3, padding=1)
-    assert small.nsamples == ref.nsamples == 5 * 36
-    torch.testing.assert_close(small.hessian(), ref.hessian(), rtol=1e-12, atol=1e-12)
+    for kw, cols in ((dict(kernel_size=3, padding=1), 27), (dict(kernel_size=1), 3),
+                     (dict(kernel_size=1, stride=2), 3), (dict(kernel_size=3, groups=3), 9)):
+        acc = HessianAccumulator(cols, kw.get("groups", 1))
+        acc.add_conv_input(x[:2], **kw)
+        acc.add_conv_input(x[2:], **kw)
+        U = unfold_conv_input(x, **kw)
+        ref = torch.stack([hessian(U[g]) for g in range(U.shape[0])])
+        H = acc.hessian()
+        torch.testing.assert_close(H if H.dim() == 3 else H[None], ref, rtol=1e-12, atol=1e-12)
 
 
 def test_conv_errors():

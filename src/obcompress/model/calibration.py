@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from ..solvers.hessian import HessianAccumulator
+from ..solvers.hessian import HessianAccumulator, all_finite
 from .layers import LayerInfo
 
 __all__ = ["HessianHooks", "calibration_batches", "collect_hessians", "count_samples", "run_model"]
@@ -183,7 +183,7 @@ class HessianHooks:
             x = args[0] if args else kwargs.get("input")
             if not isinstance(x, torch.Tensor):
                 raise ValueError(f"layer {name}: its input is not a tensor ({type(x).__name__})")
-            if x.is_floating_point() and not torch.isfinite(x).all():
+            if x.is_floating_point() and not all_finite(x):
                 bad = int((~torch.isfinite(x)).sum())
                 raise ValueError(
                     f"layer {name}: non-finite activations ({bad} NaN/inf values in its input); "

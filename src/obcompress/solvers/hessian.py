@@ -16,13 +16,19 @@ import torch.nn.functional as F
 
 IntOrTuple = Union[int, Sequence[int]]
 
-# Upper bound on the elements of one unfolded chunk in add_conv_input: unfolding multiplies the
-# input's size by the number of kernel taps, which for large feature maps would not fit in memory.
-_UNFOLD_CHUNK_ELEMENTS = 1 << 25
+
+
+def all_finite(X: torch.Tensor) -> bool:
+    """Whether every value of X is finite. A NaN or inf makes the sum non-finite, so the sum (one
+    cheap reduction, no boolean copy of X) decides; only a non-finite sum, which finite values can
+    also give by overflowing, is checked element by element."""
+    if X.numel() == 0 or bool(torch.isfinite(X.sum())):
+        return True
+    return bool(torch.isfinite(X).all())
 
 
 def _check_finite(X: torch.Tensor, what: str) -> None:
-    if not torch.isfinite(X).all():
+    if not all_finite(X):
         bad = int((~torch.isfinite(X)).sum())
         raise ValueError(f"{what} has {bad} non-finite values (NaN or inf): the calibration inputs overflowed or were invalid")
 
@@ -152,6 +158,19 @@ def _unfold4d(x, k, s, d, pads, groups, padding_mode):
     return cols.reshape(groups, B * L, -1)
 
 
+def _unfold_one(x, k, s, d, pads, padding_mode):
+    """(1, C, H, W) -> (C*kh*kw, positions), rows channel-major as weight.flatten(1)."""
+    (ph0, ph1), (pw0, pw1) = pads
+    if padding_mode != "zeros" or ph0 != ph1 or pw0 != pw1:
+        if ph0 or ph1 or pw0 or pw1:
+            mode = "constant" if padding_mode == "zeros" else padding_mode
+            x = F.pad(x, (pw0, pw1, ph0, ph1), mode=mode)
+        padding = (0, 0)
+    else:
+        padding = (ph0, pw0)
+    return F.unfold(x, kernel_size=k, dilation=d, padding=padding, stride=s)[0]
+
+
 def unfold_conv_input(
     x: torch.Tensor,
     kernel_size: IntOrTuple,
@@ -194,20 +213,25 @@ class HessianAccumulator:
     def nsamples(self) -> int:
         return self._n
 
-    def _accumulate(self, Xg: torch.Tensor) -> None:
-        """Xg: (groups, n, cols), any float dtype/device."""
-        n = Xg.shape[1]
+    def _accumulate(self, Xg: torch.Tensor, checked: bool = False, samples_last: bool = False) -> None:
+        """Xg: (groups, n, cols), or (groups, cols, n) with ``samples_last``; any float dtype/device.
+        ``checked``: its values are known finite."""
+        n = Xg.shape[2 if samples_last else 1]
         if n == 0:
             return
         if self._H is None:
             if self.device is None:
                 self.device = Xg.device
             self._H = torch.zeros(self.groups, self.cols, self.cols, dtype=torch.float64, device=self.device)
+        if not checked:
+            _check_finite(Xg, "calibration input")
         X64 = Xg.detach().to(device=self.device, dtype=torch.float64)
-        _check_finite(X64, "calibration input")
         n_new = self._n + n
         self._H.mul_(self._n / n_new)
-        self._H.baddbmm_(X64.transpose(1, 2), X64, alpha=2.0 / n_new)
+        if samples_last:
+            self._H.baddbmm_(X64, X64.transpose(1, 2), alpha=2.0 / n_new)
+        else:
+            self._H.baddbmm_(X64.transpose(1, 2), X64, alpha=2.0 / n_new)
         self._n = n_new
 
     def add(self, X: torch.Tensor) -> None:
@@ -249,12 +273,21 @@ class HessianAccumulator:
                 f"conv input gives {cols} columns per group ({x4.shape[1]} channels / {groups} groups x kernel {k}) "
                 f"but the accumulator expects {self.cols}"
             )
-        # Chunk over the batch so the unfolded copy stays bounded.
         B = x4.shape[0]
-        per_image = max(1, x4[0].numel() * k[0] * k[1])
-        step = max(1, _UNFOLD_CHUNK_ELEMENTS // per_image)
-        for b in range(0, B, step):
-            self._accumulate(_unfold4d(x4[b : b + step].detach(), k, s, d, pads, groups, padding_mode))
+        _check_finite(x4, "calibration input")
+        if k == (1, 1) and s == (1, 1) and groups == 1 and not any(p for pad in pads for p in pad):
+            # A pointwise conv: every pixel is a sample of its channels, no unfolding needed; a
+            # channels-last float64 copy is the (pixels, channels) matrix itself, made in one pass.
+            x64 = x4.detach().to(dtype=torch.float64, memory_format=torch.channels_last)
+            self._accumulate(x64.permute(0, 2, 3, 1).reshape(1, -1, x4.shape[1]), checked=True)
+            return
+        # Converting before unfolding converts k times fewer values. One image at a time: its
+        # unfolded (C*kh*kw, positions) block is, as a view, (groups, cols, positions), so no
+        # transposed copy is made, and the unfolded copy stays one image's.
+        x4 = x4.detach().to(torch.float64)
+        for b in range(B):
+            U = _unfold_one(x4[b : b + 1], k, s, d, pads, padding_mode)
+            self._accumulate(U.reshape(groups, self.cols, U.shape[-1]), checked=True, samples_last=True)
 
     def hessian(self) -> torch.Tensor:
         """(cols, cols) for groups == 1, (groups, cols, cols) otherwise; a float64 copy."""
