@@ -39,7 +39,7 @@ class Net(nn.Module):
 SPACE = SearchSpace((
     Variant("unstructured", 0.5), Variant("unstructured", 0.75), Variant("2:4"),
     Variant(bits=8), Variant(bits=4), Variant(bits=2), Variant("2:4", bits=4), Variant("unstructured", 0.5, 4),
-))
+), joint_min_cols=8)
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,12 @@ exactly, and nothing per sparsity level (DESIGN.md section 2):
   (of the kept weights only, with a bitmask, for a joint variant), and the per-row grid (scale,
   zero point).
 
-Its JSON metadata lists every variant with its layer loss ``1/2 tr(dW H dW^T)`` (w.r.t. the undamped
-H: for a pruning level of an undampened layer the sum of its greedy steps' losses, which is the
-re-fitted weights' loss; otherwise measured on the re-fitted or quantized weights) and the normalised error ``loss / (1/2 tr(W H W^T))`` = ``||(W - W')X||^2 / ||WX||^2``.
+Its JSON metadata lists every variant with its layer loss ``1/2 tr(dW H' dW^T)`` with H' the H the
+solvers used: H itself where it is positive definite (then this is the measured loss of the
+variant's weights), H + lambda mean(diag H) I where it needed dampening (``damp`` records lambda;
+the loss is then an upper bound of the measured one by 1/2 lambda mean(diag H) ||dW||^2). For a
+pruning level it is the sum of the greedy steps' losses, which needs no re-fit. The normalised
+error is ``loss / (1/2 tr(W H W^T))``, i.e. ``||(W - W')X||^2 / ||WX||^2`` when undamped.
 
 ``database.json`` keys the whole on (layer names and shapes, a hash of every layer's weights, a
 hash of the calibration inputs, the space and settings). A layer file is written atomically
@@ -49,6 +52,7 @@ from ..formats.packing import pack_bits, pack_mask, unpack_bits, unpack_mask
 from ..model.calibration import HessianHooks, calibration_batches, count_samples, run_model
 from ..model.layers import LayerInfo, find_layers, set_weight_groups, weight_groups
 from ..solvers import QuantGrid, layer_loss, obq_quantize, parse_mask_structure
+from ..solvers._common import prepare_layer
 from ..solvers.obs import ObsDatabase, exact_obs_database
 from .space import LayerGeometry, SearchSpace, Variant, default_space
 
@@ -154,8 +158,9 @@ def _build_layer(name: str, info: LayerInfo, H: torch.Tensor, space: SearchSpace
     energy = sum(layer_loss(Wg[g], torch.zeros_like(Wg[g]), Hg[g]) for g in range(G))
     denom = energy if energy > 0 else 1.0
 
-    def record(v: Variant, loss: float, seconds: float, method: str) -> None:
-        variants[v.key] = {"loss": float(loss), "error": float(loss) / denom, "seconds": seconds, "method": method}
+    def record(v: Variant, loss: float, seconds: float, method: str, damp: float = 0.0) -> None:
+        variants[v.key] = {"loss": float(loss), "error": float(loss) / denom, "seconds": seconds, "method": method,
+                           "damp": float(damp)}
 
     record(Variant(), 0.0, 0.0, "dense")
     # Pruning records, one per structure the space uses and this layer admits.
@@ -179,13 +184,12 @@ def _build_layer(name: str, info: LayerInfo, H: torch.Tensor, space: SearchSpace
         damp[structure] = [float(d.damp) for d in per_group]
         for v in options:
             if v.structure == structure and v.pruned and v.bits is None:
-                # Undamped, the greedy steps' losses add up to the re-fitted level's loss exactly;
-                # with dampening they are w.r.t. the dampened H, so the level is re-fitted and
-                # measured (a least-squares solve per row: the price of an honest number).
+                # The greedy steps' losses add up to the re-fitted level's loss w.r.t. the H the
+                # solver used: no re-fit per level is needed.
                 t1 = time.perf_counter()
                 s = None if v.kind == "nm" else v.sparsity
-                loss = sum(d.predicted_loss(s) if d.damp == 0 else d.at(s).loss for d in per_group)
-                record(v, loss, dt + time.perf_counter() - t1, "exact_obs")
+                record(v, sum(d.predicted_loss(s) for d in per_group), dt + time.perf_counter() - t1, "exact_obs",
+                       max(d.damp for d in per_group))
 
     # Quantized variants: OBQ on the dense layer or on a pruning level's support (joint OBC), the
     # grid fitted on the dense weight, as ``compress`` does.
@@ -193,7 +197,7 @@ def _build_layer(name: str, info: LayerInfo, H: torch.Tensor, space: SearchSpace
         if v.bits is None:
             continue
         t0 = time.perf_counter()
-        codes, scales, zeros, masks, loss = [], [], [], [], 0.0
+        codes, scales, zeros, masks, loss, damp_used = [], [], [], [], 0.0, 0.0
         for g in range(G):
             mask = None
             if v.pruned:
@@ -209,7 +213,13 @@ def _build_layer(name: str, info: LayerInfo, H: torch.Tensor, space: SearchSpace
             codes.append(grid.encode(res.weight))
             scales.append(grid.scale)
             zeros.append(grid.zero)
-            loss += res.loss
+            # Every variant's loss is w.r.t. the H its solver used, as for the pruning levels.
+            if res.damp > 0:
+                prep = prepare_layer(Wg[g], Hg[g], res.damp, inverse=False)
+                loss += layer_loss(prep.W, res.weight.to(torch.float64), prep.H)
+            else:
+                loss += res.loss
+            damp_used = max(damp_used, res.damp)
         tag = v.key.replace(":", "_").replace("@", "_")
         stacked = torch.stack(codes)
         if v.pruned:
@@ -220,7 +230,7 @@ def _build_layer(name: str, info: LayerInfo, H: torch.Tensor, space: SearchSpace
         tensors[f"codes.{tag}"] = pack_bits(stacked.flatten(), v.bits)
         tensors[f"scale.{tag}"] = torch.stack(scales).to(torch.float32).contiguous()
         tensors[f"zero.{tag}"] = torch.stack(zeros).to(torch.float32).contiguous()
-        record(v, loss, time.perf_counter() - t0, "obq" if not v.pruned else "obs+obq")
+        record(v, loss, time.perf_counter() - t0, "obq" if not v.pruned else "obs+obq", damp_used)
 
     geometry = LayerGeometry(name=name, kind=info.kind, groups=G, rows=R, cols=C, taps=info.taps,
                              positions=float(positions), has_bias=getattr(info.module, "bias", None) is not None)

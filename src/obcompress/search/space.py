@@ -3,7 +3,7 @@
 A ``Variant`` is one way to compress one layer: a sparsity pattern (unstructured at a level,
 N:M, or blocks of c columns at a level) and/or a weight bit width. The default space is the OBC
 paper's: unstructured levels on the grid density = 0.9^k up to 99 % sparsity, block-4 up to 95 %,
-2:4, weights at 8/6/4/3/2 bits, and joint combinations (2:4 or a few unstructured levels, each
+2:4, weights at 8/6/4/3/2 bits, and joint combinations (2:4 and two unstructured levels, each
 with every bit width). A layer takes only the variants its shape admits (N:M and blocks need
 columns divisible by M or c).
 
@@ -167,6 +167,10 @@ class SearchSpace:
     variants: Tuple[Variant, ...]
     symmetric: bool = True
     damp: Any = "auto"
+    # Joint (pruned + quantized) variants only for layers with at least this many columns per
+    # group: a depthwise filter of 9 or 25 weights has little to prune once quantized, and each of
+    # its thousands of channels is a separate solve.
+    joint_min_cols: int = 32
 
     def __post_init__(self):
         vs = tuple(self.variants)
@@ -184,7 +188,8 @@ class SearchSpace:
         object.__setattr__(self, "variants", vs)
 
     def for_layer(self, cols: int) -> List[Variant]:
-        return [v for v in self.variants if v.fits(cols)]
+        return [v for v in self.variants if v.fits(cols)
+                and not (v.pruned and v.bits is not None and cols < self.joint_min_cols)]
 
     @property
     def sparsities(self) -> Tuple[float, ...]:
@@ -197,17 +202,20 @@ class SearchSpace:
         return tuple(sorted({v.structure for v in self.variants if v.pruned}))
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"variants": [v.key for v in self.variants], "symmetric": self.symmetric, "damp": self.damp}
+        return {"variants": [v.key for v in self.variants], "symmetric": self.symmetric, "damp": self.damp,
+                "joint_min_cols": self.joint_min_cols}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SearchSpace":
         if not isinstance(d, Mapping):
             raise ValueError(f"a search space must be a mapping, got {type(d).__name__}")
-        unknown = set(d) - {"variants", "symmetric", "damp"}
+        unknown = set(d) - {"variants", "symmetric", "damp", "joint_min_cols"}
         if unknown:
             raise ValueError(f"unknown search space keys: {sorted(unknown)}")
+        if "variants" not in d or not isinstance(d["variants"], (list, tuple)):
+            raise ValueError("a search space needs a list of variants")
         return cls(tuple(Variant.from_key(k) for k in d["variants"]), bool(d.get("symmetric", True)),
-                   d.get("damp", "auto"))
+                   d.get("damp", "auto"), int(d.get("joint_min_cols", 32)))
 
 
 def default_space(
@@ -217,12 +225,13 @@ def default_space(
     block: int = 4,
     max_block_sparsity: float = 0.95,
     nm: Optional[str] = "2:4",
-    joint_levels: Sequence[int] = (2, 4, 7, 13),
+    joint_levels: Sequence[int] = (7, 13),
     joint: bool = True,
     step: float = 0.9,
 ) -> SearchSpace:
     """The OBC paper's space. ``joint_levels``: the k of the unstructured levels 1 - 0.9^k that are
-    also combined with every bit width (default about 19 %, 34 %, 52 % and 75 %)."""
+    also combined with every bit width (default about 52 % and 75 %; 2:4 is joint with every bit
+    width too)."""
     levels = paper_levels(max_sparsity, step)
     out: List[Variant] = [Variant()]
     out += [Variant("unstructured", s) for s in levels]
