@@ -1,0 +1,152 @@
+"""FITCompress end to end: Fisher from calibration data, path planning to a goal, and the two ways
+of applying the configuration found.
+
+Labels: the Fisher needs a loss on labelled data. ``labelled_batches`` takes (x, y) batches as they
+are; for unlabelled calibration inputs of a classifier it labels each input with the dense
+model's own top-1 prediction (cross-entropy against the model's own decisions: the loss whose
+increase is the loss of agreement with the dense model), and refuses models whose output is not
+(batch, classes) logits.
+
+Applying a configuration: ``"rtn"`` is the paper's (a): round-to-nearest grids with the
+FIT-importance mask, optionally fine-tuned with masks frozen and straight-through quantization;
+``"obc"`` is ours (b): the per-layer (sparsity, bits) handed to ``compress`` as a recipe, solved by
+the exact OBC solvers, post-training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..model.calibration import calibration_batches, run_model
+from .fit import FitPath, apply_rtn_fit, empirical_fisher, finetune, plan_path
+from .nonuniform import Goal, parse_goal
+
+__all__ = ["labelled_batches", "run_fitcompress", "path_plot"]
+
+
+def labelled_batches(model: nn.Module, data: Iterable, num_samples: int, transform_fn=None) -> List[Tuple[Any, Any]]:
+    """(x, y) batches: the data's own labels when its batches are (x, y) pairs with integer labels,
+    else the dense model's top-1 prediction for each input."""
+    raw = list(data)
+    if raw and isinstance(raw[0], (tuple, list)) and len(raw[0]) == 2 and isinstance(raw[0][1], torch.Tensor) \
+            and not raw[0][1].is_floating_point() and raw[0][1].dim() == 1 and raw[0][1].numel() > 1:
+        out, n = [], 0
+        for x, y in raw:
+            out.append((x, y))
+            n += len(y)
+            if n >= num_samples:
+                break
+        return out
+    batches = calibration_batches(raw, num_samples, transform_fn)
+    out = []
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for b in batches:
+                logits = run_model(model, b)
+                if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[1] < 2:
+                    shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+                    raise ValueError(
+                        f"the Fisher needs labelled data: the calibration batches have no labels and the model's "
+                        f"output ({shape}) is not (batch, classes) logits to label them with; give (x, y) batches")
+                out.append((b, logits.argmax(dim=1)))
+    finally:
+        model.train(was)
+    return out
+
+
+def _cross_entropy(output, y):
+    return F.cross_entropy(output, y)
+
+
+def run_fitcompress(model: nn.Module, data: Iterable, goal: Union[str, Goal], *,
+                    evaluate: Optional[Callable[[nn.Module], Dict[str, float]]] = None,
+                    apply: Sequence[str] = ("obc",), num_calibration_samples: int = 256,
+                    loss_fn: Callable = _cross_entropy, mode: str = "beam", beam_width: int = 1, lam: float = 1.0,
+                    fisher_mode: str = "batch", min_batches: int = 4, max_batches: int = 64, tol: float = 0.05,
+                    finetune_epochs: int = 0, finetune_lr: float = 1e-4, progress: bool = True,
+                    activation_bits: Optional[int] = None) -> Dict[str, Any]:
+    """Fisher, path, and each requested application evaluated on a fresh copy of ``model``.
+
+    Returns {"path": FitPath, "fisher_seconds", "search_seconds", "results": {apply: {metrics, seconds}}}.
+    ``model`` is left dense.
+    """
+    import copy
+
+    from ..api import compress
+
+    goal = goal if isinstance(goal, Goal) else parse_goal(goal, **({"activation_bits": activation_bits}
+                                                                    if goal.startswith("bops") and activation_bits else {}))
+    bad = [a for a in apply if a not in ("obc", "rtn")]
+    if bad:
+        raise ValueError(f"apply must be obc and/or rtn, got {bad}")
+    t0 = time.perf_counter()
+    labelled = labelled_batches(model, data, num_calibration_samples)
+    fisher = empirical_fisher(model, labelled, loss_fn, mode=fisher_mode, min_batches=min_batches,
+                              max_batches=max_batches, tol=tol)
+    t1 = time.perf_counter()
+    path = plan_path(fisher, model, None, goal, lam=lam, mode=mode, beam_width=beam_width)
+    t2 = time.perf_counter()
+    out: Dict[str, Any] = {"path": path, "fisher_seconds": t1 - t0, "search_seconds": t2 - t1,
+                           "fisher_batches": fisher.batches, "fisher_converged": fisher.converged, "results": {}}
+    for how in apply:
+        m = copy.deepcopy(model)
+        t = time.perf_counter()
+        if how == "obc":
+            compress(m, path.recipe(activation_bits=activation_bits if goal.cost.name == "bops" else None),
+                     labelled_inputs(labelled), num_calibration_samples=num_calibration_samples, progress=progress)
+        else:
+            masks, grids = apply_rtn_fit(m, path.choice, fisher)
+            if finetune_epochs > 0:
+                finetune(m, labelled, loss_fn, masks, grids, epochs=finetune_epochs, lr=finetune_lr)
+        seconds = time.perf_counter() - t
+        out["results"][how] = {"metrics": evaluate(m) if evaluate else None, "seconds": seconds}
+    return out
+
+
+def labelled_inputs(labelled: List[Tuple[Any, Any]]) -> List[Any]:
+    return [x for x, _ in labelled]
+
+
+def path_plot(path: FitPath, png: Union[str, os.PathLike], *, title: Optional[str] = None) -> Path:
+    """FIT against the compression reached at each step of the path (PNG, written atomically)."""
+    from .plots import _matplotlib, _save
+
+    mpl = _matplotlib()
+    fig_cls, canvas_cls = mpl
+    fig = fig_cls(figsize=(6.4, 4.2))
+    ax = fig.add_subplot(1, 1, 1)
+    xs = [1.0 / s.fraction if s.fraction > 0 else float("inf") for s in path.path]
+    ys = [s.fit for s in path.path]
+    ax.plot(xs, ys, marker="o", markersize=3)
+    ax.axvline(path.goal.reduction, linestyle="--", color="grey", label=f"goal {path.goal.reduction:g}x")
+    ax.set_xlabel(f"{path.goal.cost.name} reduction (x)")
+    ax.set_ylabel("FIT")
+    if all(y > 0 for y in ys):
+        ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    ax.set_title(title or f"FIT path ({path.mode}), {len(path.path) - 1} steps")
+    return _save(fig, canvas_cls, Path(png), 120)
+
+
+def write_path_report(path: FitPath, directory: Union[str, os.PathLike], extra: Optional[Dict[str, Any]] = None) -> Path:
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    doc = {**path.to_dict(), **(extra or {})}
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=d)
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, d / "fit_path.json")
+    path_plot(path, d / "fit_path.png")
+    return d
