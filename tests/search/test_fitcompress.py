@@ -1,0 +1,65 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from obcompress.model import find_layers, weight_groups
+from obcompress.search.fitcompress import labelled_batches, run_fitcompress, write_path_report
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _model_and_data():
+    torch.manual_seed(0)
+    X = torch.randn(256, 16)
+    w = torch.randn(16, 4)
+    y = (X @ w).argmax(1)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X), y).backward()
+        opt.step()
+    model.eval()
+    return model, X, y
+
+
+def test_pseudo_labels_and_refusals():
+    model, X, y = _model_and_data()
+    lab = labelled_batches(model, list(X.split(64)), 128)
+    assert len(lab) == 2 and torch.equal(lab[0][1], model(X[:64]).argmax(1))
+    own = labelled_batches(model, [(X[:64], y[:64]), (X[64:128], y[64:128])], 128)
+    assert torch.equal(own[1][1], y[64:128])
+    with pytest.raises(ValueError, match="labelled data"):
+        labelled_batches(nn.Linear(16, 1), list(X.split(64)), 64)
+
+
+def test_run_fitcompress_meets_the_goal_and_leaves_the_model_dense(tmp_path):
+    model, X, y = _model_and_data()
+    before = [weight_groups(i).clone() for i in find_layers(model).values()]
+
+    def evaluate(m):
+        with torch.no_grad():
+            return {"accuracy": float((m(X).argmax(1) == y).float().mean())}
+
+    dense = evaluate(model)["accuracy"]
+    r = run_fitcompress(model, list(X.split(64)), "size=1/6", evaluate=evaluate, apply=("rtn", "obc"),
+                        num_calibration_samples=256, progress=False)
+    path = r["path"]
+    assert path.reduction >= 6 * (1 - 1e-9)
+    assert [s.fit for s in path.path] == sorted(s.fit for s in path.path)  # FIT never falls along the path
+    for how in ("rtn", "obc"):
+        assert 0.5 < r["results"][how]["metrics"]["accuracy"] <= 1.0
+    # (b) is the OBC solvers on the same configuration: on this easy model it keeps the dense accuracy
+    assert r["results"]["obc"]["metrics"]["accuracy"] >= dense - 0.05
+    for b, i in zip(before, find_layers(model).values()):
+        assert torch.equal(weight_groups(i), b)
+    d = write_path_report(path, tmp_path / "rep")
+    assert (d / "fit_path.json").exists() and (d / "fit_path.png").read_bytes()[:4] == b"\x89PNG"
