@@ -122,3 +122,19 @@ def test_bad_inputs():
         QuantGrid.fit(W, 9)
     with pytest.raises(ValueError, match="non-finite"):
         obq_quantize(W, H * float("inf"), grid)
+
+
+def test_joint_obq_from_a_shared_refit_equals_its_own():
+    from obcompress.solvers import support_refit
+
+    torch.manual_seed(5)
+    X = torch.randn(200, 24, dtype=torch.float64)
+    H = 2 * X.T @ X / 200
+    W = torch.randn(6, 24)
+    mask = torch.rand(6, 24) > 0.4
+    grid = QuantGrid.fit(W, 3)
+    own = obq_quantize(W, H, grid, mask=mask)
+    shared = obq_quantize(W, H, grid, mask=mask, refit=support_refit(W, H, mask))
+    assert torch.equal(own.weight, shared.weight) and own.loss == shared.loss
+    with pytest.raises(ValueError, match="refit"):
+        obq_quantize(W, H, grid, refit=support_refit(W, H, mask))

@@ -51,7 +51,7 @@ from safetensors.torch import save_file
 from ..formats.packing import pack_bits, pack_mask, unpack_bits, unpack_mask
 from ..model.calibration import HessianHooks, calibration_batches, count_samples, run_model
 from ..model.layers import LayerInfo, find_layers, set_weight_groups, weight_groups
-from ..solvers import QuantGrid, layer_loss, obq_quantize, parse_mask_structure
+from ..solvers import QuantGrid, layer_loss, obq_quantize, parse_mask_structure, support_refit
 from ..solvers._common import prepare_layer
 from ..solvers.obs import ObsDatabase, exact_obs_database
 from .space import LayerGeometry, SearchSpace, Variant, default_space
@@ -192,7 +192,9 @@ def _build_layer(name: str, info: LayerInfo, H: torch.Tensor, space: SearchSpace
                        max(d.damp for d in per_group))
 
     # Quantized variants: OBQ on the dense layer or on a pruning level's support (joint OBC), the
-    # grid fitted on the dense weight, as ``compress`` does.
+    # grid fitted on the dense weight, as ``compress`` does. A support's least-squares re-fit is
+    # the same for every bit width: computed once per (level, group).
+    refits: Dict[tuple, torch.Tensor] = {}
     for v in options:
         if v.bits is None:
             continue
@@ -206,7 +208,13 @@ def _build_layer(name: str, info: LayerInfo, H: torch.Tensor, space: SearchSpace
                 masks.append(mask)
             grid = QuantGrid.fit(Wg[g], v.bits, symmetric=space.symmetric, strategy="channel")
             try:
-                res = obq_quantize(Wg[g], Hg[g], grid, mask=mask, damp=space.damp)
+                refit = None
+                if mask is not None:
+                    rk = (v.structure, v.sparsity, g)
+                    if rk not in refits:
+                        refits[rk] = support_refit(Wg[g], Hg[g], mask, damp=space.damp)
+                    refit = refits[rk]
+                res = obq_quantize(Wg[g], Hg[g], grid, mask=mask, damp=space.damp, refit=refit)
             except ValueError as e:
                 where = f"layer {name}" + (f" (group {g})" if G > 1 else "")
                 raise ValueError(f"{where}: variant {v.key}: {e}") from None

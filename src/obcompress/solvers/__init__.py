@@ -10,7 +10,7 @@ from .baselines import magnitude_prune, rtn_quantize
 from .gptq import gptq_quantize, sparsegpt_prune
 from .grid import QuantGrid
 from .hessian import HessianAccumulator, dampen, hessian, unfold_conv_input
-from .obq import obq_quantize
+from .obq import obq_quantize, support_refit
 from .obs import ObsDatabase, exact_obs_database, exact_obs_prune
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "layer_loss",
     "magnitude_prune",
     "obq_quantize",
+    "support_refit",
     "parse_mask_structure",
     "prepare_layer",
     "rtn_quantize",

@@ -34,8 +34,13 @@ def obq_quantize(
     mask: Optional[torch.Tensor] = None,
     damp="auto",
     dtype: torch.dtype = torch.float32,
+    refit: Optional[torch.Tensor] = None,
 ) -> SolverResult:
-    """Exact greedy OBQ of one layer on ``grid``; with ``mask`` (True = kept), joint OBC."""
+    """Exact greedy OBQ of one layer on ``grid``; with ``mask`` (True = kept), joint OBC.
+
+    ``refit``: the least-squares re-fit of W on ``mask`` (``support_refit(W, H, mask)``), when the
+    caller already has it, e.g. to quantize one support at several bit widths; it must come from
+    the same W, H and damp."""
     t0 = time.perf_counter()
     prep = prepare_layer(W, H, damp)
     check_grid(grid, W)
@@ -43,8 +48,13 @@ def obq_quantize(
     rows, cols = W.shape
     W0 = prep.W
     prune_loss = 0.0
+    if refit is not None and (keep is None or tuple(refit.shape) != tuple(W.shape)):
+        raise ValueError(f"refit must be the {tuple(W.shape)} re-fit of W on a mask, and needs the mask")
     if keep is not None:
-        W0 = refit_on_support(W0, prep.H, prep.Hinv, keep, fast=dtype == torch.float32)
+        if refit is not None:
+            W0 = refit.to(torch.float64).clone()
+        else:
+            W0 = refit_on_support(W0, prep.H, prep.Hinv, keep, fast=dtype == torch.float32)
         # The re-fit is the H-projection onto the support, so the losses of the two stages add up.
         prune_loss = layer_loss(prep.W, W0, prep.H)
     scale, zero = grid.expand(rows, cols)
@@ -70,3 +80,14 @@ def obq_quantize(
         seconds=time.perf_counter() - t0,
         info={"predicted_loss": prune_loss + float(traj.losses[valid].sum()), "joint": keep is not None},
     )
+
+
+def support_refit(W: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, damp="auto",
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The least-squares re-fit of every row of W with its pruned weights (mask False) at zero,
+    w.r.t. H dampened as ``obq_quantize`` would (float64): what joint OBC starts from."""
+    prep = prepare_layer(W, H, damp)
+    keep = _check_mask(mask, W)
+    if keep is None:
+        raise ValueError("support_refit needs a mask")
+    return refit_on_support(prep.W, prep.H, prep.Hinv, keep, fast=dtype == torch.float32)
