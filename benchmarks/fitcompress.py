@@ -1,0 +1,114 @@
+"""FITCompress benchmark: (a) RTN + FIT mask, (b) the FIT configuration through the OBC solvers,
+the DP over the OBC database, and the best uniform setting, at size goals of 1/8, 1/12, 1/16.
+
+The Fisher is estimated on the calibration inputs labelled by the dense model's own top-1 (the
+zoo's calibration sets carry no labels); the path is a beam of width 1 (the reference's greedy)
+unless --search astar. The DP and uniform rows use the database benchmarks/nonuniform.py builds
+(same --db-root and --space); it is built here when missing.
+
+Usage:
+    python benchmarks/fitcompress.py --models digits-cnn
+    python benchmarks/fitcompress.py --models efficientnet-lite0 --threads 2 --markdown out.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+GOALS = ("size=1/8", "size=1/12", "size=1/16")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="digits-cnn,efficientnet-lite0")
+    ap.add_argument("--goals", default=",".join(GOALS))
+    ap.add_argument("--space", choices=("default", "small"), default="default")
+    ap.add_argument("--db-root", default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--search", choices=("beam", "astar"), default="beam")
+    ap.add_argument("--beam-width", type=int, default=1)
+    ap.add_argument("--finetune-epochs", type=int, default=0)
+    ap.add_argument("--markdown", default=None)
+    ap.add_argument("--progress", action="store_true")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from nonuniform import small_space
+
+    from obcompress._cache import cache_dir
+    from obcompress.search import default_space
+    from obcompress.search.database import build_database
+    from obcompress.search.fitcompress import run_fitcompress
+    from obcompress.search.nonuniform import _Stitcher, best_uniform, parse_goal, select_dp
+    from obcompress.search.sweep import main_metric
+    from obcompress.zoo.registry import ZOO
+
+    root = Path(args.db_root) if args.db_root else cache_dir() / "databases"
+    space = default_space() if args.space == "default" else small_space()
+    md = Path(args.markdown) if args.markdown else None
+    lines = []
+
+    def emit(text: str) -> None:
+        print(text, flush=True)
+        lines.append(text)
+        if md:
+            with md.open("a") as f:
+                f.write(text + "\n")
+
+    emit(f"\n## fitcompress run of {datetime.datetime.now().isoformat(timespec='seconds')} "
+         f"({platform.node()}, {torch.get_num_threads()} threads)\n\n`{shlex.join([sys.executable] + sys.argv)}`\n")
+    for name in [m for m in args.models.split(",") if m]:
+        entry = ZOO[name]()
+        samples = {"digits-cnn": 512, "efficientnet-lite0": 256, "minilm": 128}[name]
+        t0 = time.perf_counter()
+        db = build_database(entry.model, entry.calibration, root / f"{name}-{args.space}", space,
+                            num_calibration_samples=samples, progress=args.progress)
+        db_wall = time.perf_counter() - t0
+        dense = entry.evaluate(entry.model)
+        metric = main_metric(dense)
+        emit(f"### {name}\n\ndense {metric} {100 * dense[metric]:.1f}; database {len(db.layers)} layers, "
+             f"{db.nbytes / 2**20:.1f} MiB, {db.build_seconds:.0f} s to build (this call {db_wall:.0f} s)\n")
+        emit(f"| goal | (a) RTN + FIT mask | (b) FIT config + OBC | DP over OBC database | best uniform | "
+             f"FIT reached | Fisher s | path s | (b) compress s | DP s |")
+        emit("|---|---|---|---|---|---|---|---|---|---|")
+        stitch = _Stitcher(db, entry.model)
+        for g in [x for x in args.goals.split(",") if x]:
+            r = run_fitcompress(entry.model, entry.calibration, g, evaluate=entry.evaluate, apply=("rtn", "obc"),
+                                num_calibration_samples=samples, mode=args.search, beam_width=args.beam_width,
+                                finetune_epochs=args.finetune_epochs, progress=args.progress)
+            goal = parse_goal(g)
+            t = time.perf_counter()
+            dp = select_dp(db, goal)
+            dp_s = time.perf_counter() - t
+            stitch.set(dp.choice)
+            dp_acc = entry.evaluate(entry.model)[metric]
+            best_u, best_v = -1.0, ""
+            for u in best_uniform(db, goal, top=3):
+                stitch.set(u.choice)
+                acc = entry.evaluate(entry.model)[metric]
+                if acc > best_u:
+                    best_u, best_v = acc, u.info["variant"]
+            stitch.restore()
+            res = r["results"]
+            emit(f"| {g} | {100 * res['rtn']['metrics'][metric]:.1f} | {100 * res['obc']['metrics'][metric]:.1f} | "
+                 f"{100 * dp_acc:.1f} ({dp.reduction:.2f}x) | {100 * best_u:.1f} ({best_v}) | "
+                 f"{r['path'].reduction:.2f}x | {r['fisher_seconds']:.1f} | {r['search_seconds']:.2f} | "
+                 f"{res['obc']['seconds']:.1f} | {dp_s:.2f} |")
+        emit("")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
