@@ -58,6 +58,8 @@ RECIPES: Dict[str, Any] = {
     "best4": ("best of OBQ / GPTQ act-order 4-bit", {"solver": "best", "quantization": _Q4}, None),
     "best4+statcorr": ("best 4-bit + stat. corr.", {"solver": "best", "quantization": _Q4,
                                                      "corrections": {"statistics_correction": True}}, None),
+    "obq4+statcorr": ("OBQ 4-bit + stat. corr.", {"solver": "exact", "quantization": _Q4,
+                                                   "corrections": {"statistics_correction": True}}, None),
     "best4-seq": ("best 4-bit, sequential calibration", {"solver": "best", "quantization": _Q4,
                                                          "calibration": "sequential"}, None),
     "gptq4-act": ("GPTQ 4-bit act-order", {"solver": "gptq", "quantization": {**_Q4, "act_order": True}}, None),
