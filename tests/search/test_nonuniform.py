@@ -9,7 +9,7 @@ from obcompress.api import compress
 from obcompress.model import find_layers, weight_groups
 from obcompress.search import SearchSpace, Variant
 from obcompress.search.costs import make_cost, model_totals
-from obcompress.search.database import build_database
+from obcompress.search.database import build_database, load_database
 from obcompress.search.nonuniform import (
     CalibrationLoss, best_uniform, layer_loss_scores, parse_goal, select_dp, spdy, stitched_loss, uniform_configs,
 )
@@ -140,5 +140,12 @@ def test_calibration_loss_and_loss_scores(setup):
     for n in db.names:
         assert scores[n]["dense"] == 0.0
         assert scores[n]["w2"] >= scores[n]["w8"] >= 0.0
+    # stored in the database: reloaded, and the DP can use them (over the scored variants only)
+    again = load_database(db.directory, model)
+    assert again.layers["fc1"].variants["w2"]["calibration_loss"] == scores["fc1"]["w2"]
+    cfg = select_dp(again, parse_goal("bops=1/4"), score="calibration_loss")
+    assert {v.key for v in cfg.choice.values()} <= {"dense", "w2", "w8"}
+    # a second call finds them stored and measures nothing
+    assert layer_loss_scores(again, model, data, num_samples=128, variants=["w2", "w8"], progress=False) == scores
     with pytest.raises(ValueError):
         CalibrationLoss(model, batches, kind="l1")

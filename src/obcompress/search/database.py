@@ -298,6 +298,48 @@ class Database:
         self.space = SearchSpace.from_dict(manifest["space"])
         self._tensor_cache: Dict[str, Dict[str, torch.Tensor]] = {}
         self._obs_cache: Dict[tuple, List[ObsDatabase]] = {}
+        self._load_scores()
+
+    # ---- extra per-variant scores (e.g. the calibration-loss increase of a single-layer swap) ----
+
+    def _scores_path(self, kind: str) -> Path:
+        if not kind.replace("_", "").isalnum():
+            raise ValueError(f"a score name is letters, digits and _, got {kind!r}")
+        return self.directory / f"scores_{kind}.json"
+
+    def _load_scores(self) -> None:
+        for path in sorted(self.directory.glob("scores_*.json")):
+            kind = path.stem[len("scores_"):]
+            try:
+                doc = json.loads(path.read_text())
+            except Exception:
+                continue
+            for name, rec in doc.items():
+                e = self.layers.get(name)
+                # Scores of another build of this layer (other weights, data or space) are ignored.
+                if e is None or rec.get("key") != e.key:
+                    continue
+                for k, val in rec["scores"].items():
+                    if k in e.variants:
+                        e.variants[k][kind] = float(val)
+
+    def save_scores(self, kind: str, scores: Mapping[str, Mapping[str, float]]) -> None:
+        """Record per-variant scores of some layers under ``kind`` (merged into scores_<kind>.json,
+        written atomically, tied to each layer's build key)."""
+        path = self._scores_path(kind)
+        doc = json.loads(path.read_text()) if path.exists() else {}
+        for name, sc in scores.items():
+            e = self._layer(name)
+            unknown = [k for k in sc if k not in e.variants]
+            if unknown:
+                raise ValueError(f"layer {name}: scores for variants not in the database: {unknown[:3]}")
+            rec = doc.get(name) if isinstance(doc.get(name), dict) and doc[name].get("key") == e.key else None
+            merged = dict(rec["scores"]) if rec else {}
+            merged.update({k: float(v) for k, v in sc.items()})
+            doc[name] = {"key": e.key, "scores": merged}
+            for k, v in sc.items():
+                e.variants[k][kind] = float(v)
+        _write_json(path, doc)
 
     # ---- facts -------------------------------------------------------------------------
 

@@ -110,10 +110,14 @@ class Configuration:
 
 def _tables(db: Database, cost: CostModel, score: str):
     names = db.names
-    options = [db.options(n) for n in names]
+    # A layer offers the variants that have this score (single-layer loss scores may cover a subset).
+    options = [[v for v in db.options(n) if score in db.layers[n].variants[v.key]] for n in names]
+    for n, opts in zip(names, options):
+        if not opts:
+            raise ValueError(f"layer {n}: no variant has a {score!r} score in the database")
     geoms = db.geometries
     costs = [[cost(geoms[n], v) for v in opts] for n, opts in zip(names, options)]
-    scores = [db.scores(n, score) for n in names]
+    scores = [[db.layers[n].score(v.key, score) for v in opts] for n, opts in zip(names, options)]
     dense = sum(cost.dense(geoms[n]) for n in names)
     return names, options, scores, costs, dense
 
@@ -287,25 +291,42 @@ class _Stitcher:
         self.set({n: Variant() for n in self.db.names})
 
 
+SCORE_CALIBRATION = "calibration_loss"
+
+
 def layer_loss_scores(db: Database, model: nn.Module, data: Iterable, *, num_samples: int = 64,
                       transform_fn: Optional[Callable] = None, variants: Optional[Sequence[str]] = None,
-                      kind: str = "auto", progress: bool = True) -> Dict[str, Dict[str, float]]:
+                      kind: str = "auto", progress: bool = True, save: bool = True) -> Dict[str, Dict[str, float]]:
     """The paper's "loss" scores: for each layer and variant, the calibration loss of the dense
-    model with only that layer swapped to the variant (minus the dense model's, which is 0).
-    ``variants``: keys to score (default all): one forward pass over ``num_samples`` per pair."""
+    model with only that layer swapped to the variant (the dense model's own is 0: the loss is
+    measured against its outputs). ``variants``: keys to score (default all), one forward pass
+    over ``num_samples`` per pair. ``save``: stored in the database as the ``calibration_loss``
+    score after each layer (``select_dp(..., score="calibration_loss")``); a layer already scored
+    for these variants is not scored again, so an interrupted run resumes."""
     from tqdm.auto import tqdm
 
     batches = calibration_batches(data, num_samples, transform_fn)
     loss = CalibrationLoss(model, batches, kind)
     st = _Stitcher(db, model, cache_bytes=0)
     out: Dict[str, Dict[str, float]] = {}
-    pairs = [(n, v) for n in db.names for v in db.options(n) if v.key != "dense"
-             and (variants is None or v.key in variants)]
+    todo = []
+    for n in db.names:
+        keys = [v.key for v in db.options(n) if variants is None or v.key in variants or v.key == "dense"]
+        have = {k: db.layers[n].variants[k][SCORE_CALIBRATION] for k in keys
+                if SCORE_CALIBRATION in db.layers[n].variants[k]}
+        if save and len(have) == len(keys):
+            out[n] = have
+        else:
+            todo += [(n, Variant.from_key(k)) for k in keys if k != "dense"]
     try:
-        for name, v in tqdm(pairs, desc="loss scores", unit="variant", disable=not progress, file=sys.stderr):
+        bar = tqdm(todo, desc="loss scores", unit="variant", disable=not progress, file=sys.stderr)
+        for i, (name, v) in enumerate(bar):
             st.set({name: v})
-            out.setdefault(name, {"dense": 0.0})[v.key] = loss()
+            # A divergence from the dense outputs is >= 0; rounding can leave a tiny negative.
+            out.setdefault(name, {"dense": 0.0})[v.key] = max(0.0, loss())
             st.set({name: Variant()})
+            if save and (i + 1 == len(todo) or todo[i + 1][0] != name):
+                db.save_scores(SCORE_CALIBRATION, {name: out[name]})
     finally:
         st.restore()
     return out
