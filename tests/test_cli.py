@@ -55,6 +55,10 @@ def test_search_build_resume_select_sweep_report(cache, capsys):
     assert main(["search", "select", *args, "--goal", "bops=1/10", "--out", str(recipe), "--eval"]) == 0
     text = capsys.readouterr().out
     assert "selected: accuracy" in text and recipe.exists()
+    assert main(["search", "scores", *args, "--variants", "w2,w8", "--samples", "64"]) == 0
+    assert main(["search", "select", *args, "--goal", "bops=1/5", "--score", "calibration_loss",
+                 "--out", str(cache / "r2.yaml")]) == 0
+    assert "calibration-loss scores of 8 single-layer swaps" in capsys.readouterr().out
     # the written recipe is one that compress takes as it is
     assert main(["compress", "--model", "digits-cnn", "--recipe", str(recipe), "--out", str(cache / "art"),
                  "--calibration-samples", "128", "--no-progress"]) == 0

@@ -1,4 +1,4 @@
-"""Command line: ``obcompress compress | eval | report | demo | search`` (export follows)."""
+"""Command line: ``obcompress compress | eval | report | demo | search | export``."""
 
 from __future__ import annotations
 
@@ -54,6 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
                                      "`obcompress search sweep` (draws pareto_<cost>.png and layers_*.png into it).")
     rep.add_argument("directory", metavar="DIR")
     _search_parser(sub)
+    ex = sub.add_parser("export", help="export a compressed model (artifact) to ONNX with integer weights",
+                        description="Load the artifact DIR into MODEL and write it as ONNX: quantized weights as "
+                                    "int8/int4 behind DequantizeLinear, Quantize/DequantizeLinear on quantized inputs; "
+                                    "traced on the first calibration batch.")
+    ex.add_argument("--model", required=True, metavar="M", help="zoo name or path/to/file.py:factory")
+    ex.add_argument("--artifact", required=True, metavar="DIR", help="artifact written by `obcompress compress`")
+    ex.add_argument("--format", choices=("onnx",), default="onnx", help="output format (onnx)")
+    ex.add_argument("--out", required=True, metavar="FILE", help="file to write, e.g. model.onnx")
+    ex.add_argument("--opset", type=int, default=21, metavar="N", help="ONNX opset (default 21; int4 and "
+                    "group grids need 21)")
+    ex.add_argument("--weight-format", choices=("auto", "int8"), default="auto",
+                    help="auto: int4 for grids of <= 4 bits, else int8 (default); int8: int8 for all")
     demo.add_argument("--out", default="out/demo", metavar="DIR",
                       help="where the artifact of the last whole-model recipe is written (default out/demo)")
     demo.add_argument("--solvers-only", action="store_true", help="only the per-layer solver comparison")
@@ -95,6 +107,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _report(args)
         if args.command == "search":
             return _search(args, parser)
+        if args.command == "export":
+            return _export(args)
     except (ValueError, ZooUnavailable) as e:
         # ZooUnavailable: an optional package or a data download is missing; its message says what to do.
         parser.exit(2, f"obcompress {args.command}: error: {e}\n")
@@ -180,6 +194,28 @@ def _report(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from obcompress.formats import artifact_size, fp32_size, load
+    from obcompress.formats.onnx_export import export_onnx
+    from obcompress.model.calibration import calibration_batches
+
+    entry = _resolve(args.model)
+    load(args.artifact, entry.model)
+    # A few samples, not one: a batch of one would fix the exported batch size to 1.
+    example = calibration_batches(entry.calibration, 8)[0]
+    out = export_onnx(entry.model, example, args.out, artifact_dir=args.artifact, opset=args.opset,
+                      weight_format=args.weight_format)
+    kinds: dict = {}
+    for e in out.layers.values():
+        key = e["weight"] + (f"+a{e['activation_bits']}" if e["activation_bits"] else "")
+        kinds[key] = kinds.get(key, 0) + 1
+    print(f"{out.path}: {out.bytes:,d} bytes, opset {out.opset}, "
+          f"{'dynamic' if out.dynamic_batch else 'fixed'} batch; layers: "
+          + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())))
+    print(f"artifact {artifact_size(args.artifact):,d} bytes, fp32 {fp32_size(entry.model):,d} bytes")
+    return 0
+
+
 def _search_parser(sub) -> None:
     se = sub.add_parser("search", help="non-uniform compression: build a layer database, choose per-layer variants",
                         description="Build a database of every layer's variants (resumable), then choose one "
@@ -223,7 +259,38 @@ def _search_parser(sub) -> None:
                    help="dp (bucketed), exact (MILP), spdy, or the best uniform setting by score")
     c.add_argument("--out", required=True, metavar="FILE", help="recipe YAML to write")
     c.add_argument("--eval", action="store_true", help="evaluate the chosen configuration (stitched from the database)")
+    c.add_argument("--score", choices=("error", "loss", "calibration_loss"), default="error",
+                   help="per-layer score the DP sums: error (normalised layer error, default), loss (layer "
+                        "loss), calibration_loss (single-layer swaps, from `obcompress search scores`)")
     goal_args(c)
+
+    sc = ss.add_parser("scores", help="measure the calibration-loss increase of each single-layer swap",
+                       description="For each layer and variant, the calibration loss (KL or normalised MSE to the "
+                                   "dense outputs) of the dense model with only that layer swapped; stored in the "
+                                   "database for `select --score calibration_loss`. Resumable.")
+    common(sc)
+    sc.add_argument("--variants", type=_csv, default=None, metavar="K1,K2", help="variant keys to score (default all)")
+    sc.add_argument("--samples", type=int, default=64, metavar="N", help="calibration samples per measurement")
+
+    fp = ss.add_parser("fit", help="FITCompress: Fisher-guided path planning to a size or BOPs goal",
+                       description="Estimate the empirical Fisher on the calibration data (labelled by the dense "
+                                   "model's own predictions when the data has no labels), plan a path through "
+                                   "per-layer bits and a global FIT-importance sparsity to the goal, write the "
+                                   "per-layer recipe and the path (fit_path.json, fit_path.png).")
+    fp.add_argument("--model", required=True, metavar="M", help="zoo name or path/to/file.py:factory")
+    fp.add_argument("--goal", required=True, metavar="COST=FRACTION", help="e.g. size=1/12 or bops=1/8")
+    fp.add_argument("--out", required=True, metavar="DIR", help="directory for recipe.yaml and the path report")
+    fp.add_argument("--calibration-samples", type=int, default=256, metavar="N")
+    fp.add_argument("--search", choices=("beam", "astar"), default="beam",
+                    help="beam (width --beam-width; 1 = the reference's greedy) or a true A* (exact for --lam 0)")
+    fp.add_argument("--beam-width", type=int, default=1, metavar="K")
+    fp.add_argument("--lam", type=float, default=1.0, help="weight of the distance-to-goal heuristic (default 1)")
+    fp.add_argument("--apply", choices=("none", "obc", "rtn", "both"), default="obc",
+                    help="evaluate the configuration: obc = the recipe through the exact solvers; rtn = the "
+                         "paper's round-to-nearest with the FIT mask (+ --finetune-epochs)")
+    fp.add_argument("--finetune-epochs", type=int, default=0, metavar="E")
+    fp.add_argument("--activation-bits", type=int, default=8, metavar="B")
+    fp.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     w = ss.add_parser("sweep", help="accuracy of uniform / DP / SPDY at several goals (then `obcompress report DIR`)")
     common(w)
@@ -240,9 +307,11 @@ def _search(args, parser) -> int:
     from obcompress.search.database import build_database, load_database
 
     if args.search_command is None:
-        parser.exit(2, "obcompress search: error: give a step: build, select or sweep\n")
+        parser.exit(2, "obcompress search: error: give a step: build, select, sweep or fit\n")
     entry = _resolve(args.model, args.calibration_samples)
     progress = not args.no_progress
+    if args.search_command == "fit":
+        return _search_fit(args, entry, progress)
     if args.search_command == "build":
         space = default_space()
         if args.space:
@@ -269,6 +338,14 @@ def _search(args, parser) -> int:
             print("incomplete: run the same command again to resume")
         return 0
     db = load_database(args.db, entry.model)
+    if args.search_command == "scores":
+        from obcompress.search.nonuniform import layer_loss_scores
+
+        out = layer_loss_scores(db, entry.model, entry.calibration, num_samples=args.samples,
+                                variants=args.variants, progress=progress)
+        print(f"calibration-loss scores of {sum(len(v) - 1 for v in out.values())} single-layer swaps over "
+              f"{len(out)} layers stored in {args.db}")
+        return 0
     act = args.activation_bits or None
     if args.search_command == "select":
         from obcompress.search.nonuniform import best_uniform, parse_goal, select_dp, spdy
@@ -284,13 +361,14 @@ def _search(args, parser) -> int:
             cfg = spdy(db, entry.model, batches, goal, num_samples=args.spdy_samples, restarts=args.spdy_restarts,
                        steps=args.spdy_steps, correction=_correction(args.correction, batches), progress=progress)
         else:
-            cfg = select_dp(db, goal, buckets=args.buckets, exact=args.method == "exact")
+            cfg = select_dp(db, goal, buckets=args.buckets, exact=args.method == "exact", score=args.score)
         recipe = cfg.recipe(db, activation_bits=act if goal.cost.name == "bops" else None)
         with open(args.out, "w", encoding="utf-8") as f:
             yaml.safe_dump(recipe, f, sort_keys=False)
         print(f"{'layer':<40} {'variant':>14} {'score':>10}")
         for n, v in cfg.choice.items():
-            print(f"{n:<40} {v.key:>14} {db.layers[n].score(v.key):>10.4g}")
+            kind = args.score if args.method in ("dp", "exact") else "error"
+            print(f"{n:<40} {v.key:>14} {db.layers[n].score(v.key, kind):>10.4g}")
         print(f"{cfg.method}: {goal.cost.name} {cfg.cost:.4g} of dense {cfg.dense_cost:.4g} ({cfg.reduction:.2f}x), "
               f"total score {cfg.score:.4g}; recipe written to {args.out}")
         if args.eval:
@@ -306,6 +384,42 @@ def _search(args, parser) -> int:
               spdy_steps=args.spdy_steps, spdy_samples=args.spdy_samples, correction=args.correction,
               num_calibration_samples=args.calibration_samples, progress=progress)
     print(f"sweep written to {args.out}; plot it with: obcompress report {args.out}")
+    return 0
+
+
+def _search_fit(args, entry, progress) -> int:
+    from pathlib import Path
+
+    import yaml
+
+    from obcompress.search.fitcompress import run_fitcompress, write_path_report
+
+    apply = {"none": (), "obc": ("obc",), "rtn": ("rtn",), "both": ("rtn", "obc")}[args.apply]
+    act = args.activation_bits or None
+    dense = entry.evaluate(entry.model) if apply else None
+    r = run_fitcompress(entry.model, entry.calibration, args.goal, evaluate=entry.evaluate, apply=apply,
+                        num_calibration_samples=args.calibration_samples, mode=args.search,
+                        beam_width=args.beam_width, lam=args.lam, finetune_epochs=args.finetune_epochs,
+                        progress=progress, activation_bits=act)
+    path = r["path"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    recipe = path.recipe(activation_bits=act if path.goal.cost.name == "bops" else None)
+    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    write_path_report(path, out, {"fisher_seconds": r["fisher_seconds"], "search_seconds": r["search_seconds"],
+                                  "fisher_batches": r["fisher_batches"], "dense": dense,
+                                  "results": r["results"]})
+    print(f"{'layer':<40} {'variant':>14}")
+    for n, v in path.choice.items():
+        print(f"{n:<40} {v.key:>14}")
+    print(f"FIT {path.fit:.4g} after {len(path.path) - 1} steps ({path.expansions} expansions); "
+          f"{path.goal.cost.name} {path.reduction:.2f}x; Fisher {r['fisher_seconds']:.1f} s "
+          f"({r['fisher_batches']} batches), search {r['search_seconds']:.2f} s")
+    if dense is not None:
+        _print_metrics("dense", dense)
+    for how, res in r["results"].items():
+        _print_metrics(f"{how} ({res['seconds']:.1f} s)", res["metrics"])
+    print(f"recipe, fit_path.json and fit_path.png written to {out}")
     return 0
 
 

@@ -649,3 +649,63 @@ def dense_total(cost: CostModel, geoms: Mapping[str, LayerGeometry]) -> float:
     """Sum of ``cost`` over the layers of ``geoms``, all uncompressed."""
     _check_cost(cost)
     return float(sum(cost.dense(g) for g in geoms.values()))
+
+
+# ---------------------------------------------------------------------------------------------
+# onnxruntime latency
+
+
+class OnnxLatencyCost(CostModel):
+    """Measured seconds of one forward of the layer variant in onnxruntime (``batch`` samples), the
+    layer built as ``formats.onnx_export.export_onnx`` writes it (see ``onnx_layer_latency``).
+
+    A quantized variant runs with int8 weights (int4 at <= 4 bits) behind DequantizeLinear, and
+    with ``activation_bits`` also with Quantize/DequantizeLinear around the layer, so that
+    onnxruntime may pick its integer kernels; a float variant runs as a float layer. onnxruntime's
+    CPU kernels have no sparse path, so a pruned variant costs what the same variant unpruned does:
+    measurements are keyed without the density (one per kind, shape, batch, threads, weight bits
+    and activation bits), cached in memory. Times are noisy: compare variants measured in one
+    session on an otherwise quiet machine.
+    """
+
+    name = "onnx_latency"
+    unit = "s"
+
+    def __init__(self, batch: int = 1, threads: int = 1, activation_bits: Optional[int] = None, repeats: int = 15,
+                 warmup: int = 3):
+        self.batch = _int_setting("onnx_latency", "batch", batch)
+        self.threads = _int_setting("onnx_latency", "threads", threads)
+        if activation_bits is not None:
+            activation_bits = _int_setting("onnx_latency", "activation_bits", activation_bits, lo=2)
+            if activation_bits > 8:
+                raise ValueError(f"onnx_latency cost: activation_bits must be at most 8, got {activation_bits}")
+        self.activation_bits = activation_bits
+        self.repeats = _int_setting("onnx_latency", "repeats", repeats)
+        self.warmup = _int_setting("onnx_latency", "warmup", warmup, lo=0)
+        self._entries: Dict[str, float] = {}
+        self.measurements = 0  # onnxruntime timings this object ran (cache hits excluded)
+
+    def settings(self) -> Dict[str, Any]:
+        return {"batch": self.batch, "threads": self.threads, "activation_bits": self.activation_bits,
+                "repeats": self.repeats, "warmup": self.warmup}
+
+    def key(self, geom: LayerGeometry, variant: Variant) -> str:
+        geom, variant = _check_pair(geom, variant)
+        return json.dumps([geom.kind, geom.groups, geom.rows, geom.cols, geom.taps, round(float(geom.positions), 4),
+                           self.batch, self.threads, variant.bits,
+                           self.activation_bits if variant.bits is not None else None])
+
+    def __call__(self, geom: LayerGeometry, variant: Variant) -> float:
+        from ..formats.onnx_export import onnx_layer_latency
+
+        key = self.key(geom, variant)
+        if key not in self._entries:
+            # The dense variant of the same layer: the zeros of a pruned one change no kernel.
+            self._entries[key] = onnx_layer_latency(
+                geom, Variant(bits=variant.bits), activation_bits=self.activation_bits, batch=self.batch,
+                threads=self.threads, repeats=self.repeats, warmup=self.warmup)
+            self.measurements += 1
+        return float(self._entries[key])
+
+
+COSTS[OnnxLatencyCost.name] = OnnxLatencyCost
