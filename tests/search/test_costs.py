@@ -242,17 +242,8 @@ def _layer_tensor_bytes(path, name):
     return out
 
 
-@pytest.fixture
-def one_thread():
-    # Tiny solver problems on a shared 2-core machine: a second thread only adds waiting.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("round_", range(len(ROUNDS)))
-def test_size_cost_equals_artifact_bytes(tmp_path, round_, one_thread):
+def test_size_cost_equals_artifact_bytes(tmp_path, round_):
     choice = ROUNDS[round_]
     symmetric = round_ != 3
     torch.manual_seed(round_)

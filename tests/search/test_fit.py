@@ -17,14 +17,6 @@ from obcompress.search.space import Variant
 from obcompress.solvers.grid import QuantGrid
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Branches(nn.Module):
     """Multinomial logistic regression whose logits are the sum of three linear layers on three
     slices of the input: convex, so it trains to its minimum in a few L-BFGS steps, and, fitted to

@@ -8,14 +8,6 @@ from obcompress.model import find_layers, weight_groups
 from obcompress.search.fitcompress import labelled_batches, run_fitcompress, write_path_report
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _model_and_data():
     torch.manual_seed(0)
     X = torch.randn(256, 16)

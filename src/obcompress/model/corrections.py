@@ -393,10 +393,7 @@ def statistics_correction(
         ok = True
     finally:
         if not ok:
-            with torch.no_grad():
-                for n, (w, b) in saved.items():
-                    norms[n].weight.copy_(w)
-                    norms[n].bias.copy_(b)
+            _put_back(norms, saved)
         modes.restore()
     return report
 
@@ -471,12 +468,16 @@ def _correct_in_one_pass(model, dense: NormStatistics, norms, x: torch.Tensor,
         for h in handles:
             h.remove()
         if not ok:
-            with torch.no_grad():
-                for n, (w, b) in saved.items():
-                    norms[n].weight.copy_(w)
-                    norms[n].bias.copy_(b)
+            _put_back(norms, saved)
         modes.restore()
     return OrderedDict((n, report[n]) for n in order)
+
+
+def _put_back(norms, saved) -> None:
+    with torch.no_grad():
+        for n, (w, b) in saved.items():
+            norms[n].weight.copy_(w)
+            norms[n].bias.copy_(b)
 
 
 def _max_shift(acc: _ChannelMoments, dense_mean: torch.Tensor) -> float:

@@ -54,7 +54,7 @@ from ..model.layers import LayerInfo, find_layers, set_weight_groups, weight_gro
 from ..solvers import QuantGrid, layer_loss, obq_quantize, parse_mask_structure, support_refit
 from ..solvers._common import prepare_layer
 from ..solvers.obs import ObsDatabase, exact_obs_database
-from .space import LayerGeometry, SearchSpace, Variant, default_space
+from .space import LayerGeometry, SearchSpace, Variant, configuration_recipe, default_space
 
 __all__ = ["Database", "LayerEntry", "build_database", "load_database", "DATABASE_FORMAT", "DATABASE_VERSION"]
 
@@ -466,24 +466,11 @@ class Database:
                base: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
         """A recipe dict that ``compress`` applies unchanged to produce ``choice`` (every layer named,
         solver exact); dense choices are left out of the targets."""
-        layers: Dict[str, Any] = {}
-        for name, v in choice.items():
+        for name in choice:
             self._layer(name)
-            v = v if isinstance(v, Variant) else Variant.from_key(v)
-            if v == Variant():
-                continue
-            layers[name] = v.recipe_entry(activation_bits)
-        if not layers:
-            raise ValueError("the configuration keeps every layer dense: there is nothing to compress")
         out: Dict[str, Any] = dict(base or {})
-        out.setdefault("solver", "exact")
-        out["damp"] = self.space.damp
-        out["targets"] = list(layers)
-        out["layers"] = layers
-        if not self.space.symmetric:
-            for entry in layers.values():
-                if entry.get("quantization"):
-                    entry["quantization"]["symmetric"] = False
+        out.update(configuration_recipe(choice, activation_bits=activation_bits, damp=self.space.damp,
+                                        symmetric=self.space.symmetric))
         return out
 
 

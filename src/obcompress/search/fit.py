@@ -94,7 +94,7 @@ from ..solvers._common import num_pruned
 from ..solvers.grid import QuantGrid
 from .costs import CostModel
 from .nonuniform import Configuration, Goal, parse_goal
-from .space import LayerGeometry, Variant
+from .space import LayerGeometry, Variant, configuration_recipe
 
 __all__ = [
     "DEFAULT_BITS",
@@ -1041,19 +1041,7 @@ def fit_recipe(choice: Mapping[str, Union[Variant, str]], activation_bits: Optio
                damp: Any = "auto") -> Dict[str, Any]:
     """The recipe ``compress`` applies to give each layer its variant with the OBC solvers (solver
     exact; dense layers left out of the targets), as ``Database.recipe`` writes it."""
-    if not isinstance(choice, Mapping) or not choice:
-        raise ValueError("choice must be a non-empty {layer: Variant} mapping")
-    layers: Dict[str, Any] = {}
-    for nm, v in choice.items():
-        if not isinstance(nm, str) or not nm:
-            raise ValueError(f"layer names must be non-empty strings, got {nm!r}")
-        v = v if isinstance(v, Variant) else Variant.from_key(v)
-        if v == Variant():
-            continue
-        layers[nm] = v.recipe_entry(activation_bits)
-    if not layers:
-        raise ValueError("the configuration keeps every layer dense: there is nothing to compress")
-    return {"solver": "exact", "damp": damp, "targets": list(layers), "layers": layers}
+    return configuration_recipe(choice, activation_bits=activation_bits, damp=damp)
 
 
 def _layer_geoms(model: nn.Module, names: Iterable[str]) -> Dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from ..solvers import parse_mask_structure
 
-__all__ = ["Variant", "SearchSpace", "LayerGeometry", "paper_levels", "default_space"]
+__all__ = ["Variant", "SearchSpace", "LayerGeometry", "paper_levels", "default_space", "configuration_recipe"]
 
 BIT_WIDTHS = (8, 6, 4, 3, 2)
 
@@ -284,3 +284,25 @@ class LayerGeometry:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "LayerGeometry":
         return cls(**{k: d[k] for k in ("name", "kind", "groups", "rows", "cols", "taps", "positions", "has_bias")})
+
+
+def configuration_recipe(choice: Mapping[str, Any], *, activation_bits: Optional[int] = None,
+                         damp: Any = "auto", symmetric: bool = True) -> Dict[str, Any]:
+    """The recipe that ``compress`` applies as it is to give every layer of ``choice`` ({layer name:
+    Variant or key}) its variant with the exact OBC solvers; dense layers are left out of the targets."""
+    if not isinstance(choice, Mapping) or not choice:
+        raise ValueError("choice must be a non-empty {layer: Variant} mapping")
+    layers: Dict[str, Any] = {}
+    for name, v in choice.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"layer names must be non-empty strings, got {name!r}")
+        v = v if isinstance(v, Variant) else Variant.from_key(v)
+        if v == Variant():
+            continue
+        entry = v.recipe_entry(activation_bits)
+        if not symmetric and entry.get("quantization"):
+            entry["quantization"]["symmetric"] = False
+        layers[name] = entry
+    if not layers:
+        raise ValueError("the configuration keeps every layer dense: there is nothing to compress")
+    return {"solver": "exact", "damp": damp, "targets": list(layers), "layers": layers}

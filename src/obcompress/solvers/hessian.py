@@ -140,7 +140,8 @@ def _conv_geometry(x, kernel_size, stride, padding, dilation, groups, padding_mo
     return x, k, s, d, pads, nd
 
 
-def _unfold4d(x, k, s, d, pads, groups, padding_mode):
+def _unfold_cols(x, k, s, d, pads, padding_mode):
+    """(B, C, H, W) -> (B, C*kh*kw, positions), rows channel-major as weight.flatten(1)."""
     (ph0, ph1), (pw0, pw1) = pads
     if padding_mode != "zeros" or ph0 != ph1 or pw0 != pw1:
         if ph0 or ph1 or pw0 or pw1:
@@ -149,26 +150,15 @@ def _unfold4d(x, k, s, d, pads, groups, padding_mode):
         padding = (0, 0)
     else:
         padding = (ph0, pw0)
-    B, C = x.shape[:2]
-    cols = F.unfold(x, kernel_size=k, dilation=d, padding=padding, stride=s)  # (B, C*kh*kw, L)
-    L = cols.shape[-1]
-    # Rows of F.unfold are channel-major, (C, kh, kw): the order of weight.flatten(1), so group g
-    # owns a contiguous block of C/groups channels.
+    return F.unfold(x, kernel_size=k, dilation=d, padding=padding, stride=s)
+
+
+def _unfold4d(x, k, s, d, pads, groups, padding_mode):
+    cols = _unfold_cols(x, k, s, d, pads, padding_mode)
+    B, L = cols.shape[0], cols.shape[-1]
+    # Group g owns a contiguous block of C/groups channels of the channel-major rows.
     cols = cols.reshape(B, groups, -1, L).permute(1, 0, 3, 2)
     return cols.reshape(groups, B * L, -1)
-
-
-def _unfold_one(x, k, s, d, pads, padding_mode):
-    """(1, C, H, W) -> (C*kh*kw, positions), rows channel-major as weight.flatten(1)."""
-    (ph0, ph1), (pw0, pw1) = pads
-    if padding_mode != "zeros" or ph0 != ph1 or pw0 != pw1:
-        if ph0 or ph1 or pw0 or pw1:
-            mode = "constant" if padding_mode == "zeros" else padding_mode
-            x = F.pad(x, (pw0, pw1, ph0, ph1), mode=mode)
-        padding = (0, 0)
-    else:
-        padding = (ph0, pw0)
-    return F.unfold(x, kernel_size=k, dilation=d, padding=padding, stride=s)[0]
 
 
 def unfold_conv_input(
@@ -286,7 +276,7 @@ class HessianAccumulator:
         # transposed copy is made, and the unfolded copy stays one image's.
         x4 = x4.detach().to(torch.float64)
         for b in range(B):
-            U = _unfold_one(x4[b : b + 1], k, s, d, pads, padding_mode)
+            U = _unfold_cols(x4[b : b + 1], k, s, d, pads, padding_mode)[0]
             self._accumulate(U.reshape(groups, self.cols, U.shape[-1]), checked=True, samples_last=True)
 
     def hessian(self) -> torch.Tensor:
