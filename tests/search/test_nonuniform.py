@@ -141,3 +141,16 @@ def test_calibration_loss_and_loss_scores(setup):
     assert layer_loss_scores(again, model, data, num_samples=128, variants=["w2", "w8"], progress=False) == scores
     with pytest.raises(ValueError):
         CalibrationLoss(model, batches, kind="l1")
+
+
+def test_variants_without_a_finite_score_are_not_offered(setup):
+    _, _, db = setup
+    e = db.layers["fc1"]
+    saved = e.variants["w2"]["error"]
+    e.variants["w2"]["error"] = float("inf")
+    try:
+        for g in ("bops=1/12", "size=1/8"):
+            assert select_dp(db, parse_goal(g)).choice["fc1"].key != "w2"
+        assert all(c.choice["fc1"].key != "w2" for c in uniform_configs(db, make_cost("bops")))
+    finally:
+        e.variants["w2"]["error"] = saved

@@ -110,11 +110,14 @@ class Configuration:
 
 def _tables(db: Database, cost: CostModel, score: str):
     names = db.names
-    # A layer offers the variants that have this score (single-layer loss scores may cover a subset).
-    options = [[v for v in db.options(n) if score in db.layers[n].variants[v.key]] for n in names]
+    # A layer offers the variants that have this score (single-layer loss scores may cover a subset)
+    # and a finite one: on a layer with far fewer calibration samples than inputs the last pruning
+    # steps can overflow the float32 loop, and such a level is not a choice.
+    options = [[v for v in db.options(n) if score in db.layers[n].variants[v.key]
+                and math.isfinite(db.layers[n].variants[v.key][score])] for n in names]
     for n, opts in zip(names, options):
         if not opts:
-            raise ValueError(f"layer {n}: no variant has a {score!r} score in the database")
+            raise ValueError(f"layer {n}: no variant has a finite {score!r} score in the database")
     geoms = db.geometries
     costs = [[cost(geoms[n], v) for v in opts] for n, opts in zip(names, options)]
     scores = [[db.layers[n].score(v.key, score) for v in opts] for n, opts in zip(names, options)]
