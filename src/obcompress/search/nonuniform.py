@@ -157,8 +157,11 @@ def uniform_configs(db: Database, cost: CostModel, score: str = "error") -> List
                 idx.append(keys.index(v.key))
                 continue
             same_bits = [k for k, o in enumerate(opts) if o.bits == v.bits and o.kind == "unstructured"]
+            if not same_bits:
+                break  # no stand-in on this layer: not a uniform setting of this database
             idx.append(min(same_bits, key=lambda k: (abs(opts[k].sparsity - v.sparsity), -opts[k].sparsity)))
-        out.append(_config(names, options, idx, scores, costs, dense, "uniform", None, {"variant": v.key}))
+        else:
+            out.append(_config(names, options, idx, scores, costs, dense, "uniform", None, {"variant": v.key}))
     return out
 
 
