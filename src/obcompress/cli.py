@@ -289,6 +289,9 @@ def _search_parser(sub) -> None:
                     help="evaluate the configuration: obc = the recipe through the exact solvers; rtn = the "
                          "paper's round-to-nearest with the FIT mask (+ --finetune-epochs)")
     fp.add_argument("--finetune-epochs", type=int, default=0, metavar="E")
+    fp.add_argument("--refresh-batches", type=int, default=0, metavar="N",
+                    help="re-estimate the Fisher at every expanded node from N batches (the reference's "
+                         "approximate mode; default 0: one Fisher for the whole path)")
     fp.add_argument("--activation-bits", type=int, default=8, metavar="B")
     fp.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -400,7 +403,7 @@ def _search_fit(args, entry, progress) -> int:
     r = run_fitcompress(entry.model, entry.calibration, args.goal, evaluate=entry.evaluate, apply=apply,
                         num_calibration_samples=args.calibration_samples, mode=args.search,
                         beam_width=args.beam_width, lam=args.lam, finetune_epochs=args.finetune_epochs,
-                        progress=progress, activation_bits=act)
+                        progress=progress, activation_bits=act, refresh_batches=args.refresh_batches)
     path = r["path"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

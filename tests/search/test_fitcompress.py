@@ -55,3 +55,10 @@ def test_run_fitcompress_meets_the_goal_and_leaves_the_model_dense(tmp_path):
         assert torch.equal(weight_groups(i), b)
     d = write_path_report(path, tmp_path / "rep")
     assert (d / "fit_path.json").exists() and (d / "fit_path.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_refreshed_fisher_path_still_meets_the_goal():
+    model, X, y = _model_and_data()
+    r = run_fitcompress(model, list(X.split(64)), "size=1/6", apply=(), num_calibration_samples=256,
+                        refresh_batches=1, progress=False)
+    assert r["path"].reduction >= 6 * (1 - 1e-9) and r["path"].info["refreshed"]

@@ -75,8 +75,12 @@ def run_fitcompress(model: nn.Module, data: Iterable, goal: Union[str, Goal], *,
                     loss_fn: Callable = _cross_entropy, mode: str = "beam", beam_width: int = 1, lam: float = 1.0,
                     fisher_mode: str = "batch", min_batches: int = 4, max_batches: int = 64, tol: float = 0.05,
                     finetune_epochs: int = 0, finetune_lr: float = 1e-4, progress: bool = True,
-                    activation_bits: Optional[int] = None) -> Dict[str, Any]:
+                    activation_bits: Optional[int] = None, refresh_batches: int = 0) -> Dict[str, Any]:
     """Fisher, path, and each requested application evaluated on a fresh copy of ``model``.
+
+    ``refresh_batches`` > 0: the reference's approximate mode, the Fisher re-estimated at every
+    expanded node from that many batches, on a copy of the model compressed (RTN + FIT mask) to
+    the node's configuration.
 
     Returns {"path": FitPath, "fisher_seconds", "search_seconds", "results": {apply: {metrics, seconds}}}.
     ``model`` is left dense.
@@ -95,7 +99,15 @@ def run_fitcompress(model: nn.Module, data: Iterable, goal: Union[str, Goal], *,
     fisher = empirical_fisher(model, labelled, loss_fn, mode=fisher_mode, min_batches=min_batches,
                               max_batches=max_batches, tol=tol)
     t1 = time.perf_counter()
-    path = plan_path(fisher, model, None, goal, lam=lam, mode=mode, beam_width=beam_width)
+    refresh = None
+    if refresh_batches > 0:
+        def refresh(step):
+            m = copy.deepcopy(model)
+            apply_rtn_fit(m, step.choice, fisher)
+            # The convergence test needs two batches at least.
+            n = max(2, refresh_batches)
+            return empirical_fisher(m, labelled, loss_fn, mode=fisher_mode, min_batches=n, max_batches=n, tol=tol)
+    path = plan_path(fisher, model, None, goal, lam=lam, mode=mode, beam_width=beam_width, refresh=refresh)
     t2 = time.perf_counter()
     out: Dict[str, Any] = {"path": path, "fisher_seconds": t1 - t0, "search_seconds": t2 - t1,
                            "fisher_batches": fisher.batches, "fisher_converged": fisher.converged, "results": {}}
