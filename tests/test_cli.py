@@ -81,3 +81,18 @@ def test_search_build_resume_select_sweep_report(cache, capsys):
     with pytest.raises(SystemExit) as e:
         main(["search", "select", *args, "--goal", "size=1/1000", "--out", str(recipe)])
     assert e.value.code == 2 and "cannot be reached" in capsys.readouterr().err
+
+
+def test_search_fit_writes_recipe_and_path(cache, capsys):
+    out = cache / "fit"
+    assert main(["search", "fit", "--model", "digits-cnn", "--goal", "size=1/10", "--out", str(out),
+                 "--calibration-samples", "256", "--apply", "rtn", "--fisher-batches", "4", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "rtn (" in text and "FIT" in text
+    doc = json.loads((out / "fit_path.json").read_text())
+    assert doc["reduction"] >= 10 * (1 - 1e-9) and doc["path"][0]["fit"] <= doc["path"][-1]["fit"]
+    assert (out / "fit_path.png").read_bytes()[:4] == b"\x89PNG" and (out / "recipe.yaml").exists()
+    with pytest.raises(SystemExit) as e:
+        main(["search", "fit", "--model", "digits-cnn", "--goal", "size=1/1000", "--out", str(out), "--apply", "none",
+              "--fisher-batches", "2"])
+    assert e.value.code == 2 and "least achievable" in capsys.readouterr().err

@@ -289,6 +289,8 @@ def _search_parser(sub) -> None:
                     help="evaluate the configuration: obc = the recipe through the exact solvers; rtn = the "
                          "paper's round-to-nearest with the FIT mask (+ --finetune-epochs)")
     fp.add_argument("--finetune-epochs", type=int, default=0, metavar="E")
+    fp.add_argument("--fisher-batches", type=int, default=64, metavar="N",
+                    help="at most N batches for the Fisher (it stops earlier once its traces converge)")
     fp.add_argument("--refresh-batches", type=int, default=0, metavar="N",
                     help="re-estimate the Fisher at every expanded node from N batches (the reference's "
                          "approximate mode; default 0: one Fisher for the whole path)")
@@ -403,7 +405,8 @@ def _search_fit(args, entry, progress) -> int:
     r = run_fitcompress(entry.model, entry.calibration, args.goal, evaluate=entry.evaluate, apply=apply,
                         num_calibration_samples=args.calibration_samples, mode=args.search,
                         beam_width=args.beam_width, lam=args.lam, finetune_epochs=args.finetune_epochs,
-                        progress=progress, activation_bits=act, refresh_batches=args.refresh_batches)
+                        progress=progress, activation_bits=act, refresh_batches=args.refresh_batches,
+                        max_batches=args.fisher_batches, min_batches=min(4, args.fisher_batches))
     path = r["path"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
