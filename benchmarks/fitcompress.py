@@ -14,7 +14,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import platform
 import shlex
@@ -80,8 +79,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         metric = main_metric(dense)
         emit(f"### {name}\n\ndense {metric} {100 * dense[metric]:.1f}; database {len(db.layers)} layers, "
              f"{db.nbytes / 2**20:.1f} MiB, {db.build_seconds:.0f} s to build (this call {db_wall:.0f} s)\n")
-        emit(f"| goal | (a) RTN + FIT mask | (b) FIT config + OBC | DP over OBC database | best uniform | "
-             f"FIT reached | Fisher s | path s | (b) compress s | DP s |")
+        emit("| goal | (a) RTN + FIT mask | (b) FIT config + OBC | DP over OBC database | best uniform | "
+             "FIT reached | Fisher s | path s | (b) compress s | DP s |")
         emit("|---|---|---|---|---|---|---|---|---|---|")
         stitch = _Stitcher(db, entry.model)
         for g in [x for x in args.goals.split(",") if x]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import platform
 import shlex
 import sys
@@ -70,7 +69,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from obcompress._cache import cache_dir
     from obcompress.search import default_space
     from obcompress.search.database import build_database
-    from obcompress.search.sweep import main_metric, run_sweep
+    from obcompress.search.sweep import run_sweep
     from obcompress.zoo.registry import ZOO
 
     root = Path(args.db_root) if args.db_root else cache_dir() / "databases"
@@ -105,7 +104,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.build_only:
             continue
         out = dbdir.parent / f"{name}-{args.space}-sweep"
-        rows = []
 
         def log(msg):
             print(f"  {msg}", flush=True)

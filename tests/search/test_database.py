@@ -118,9 +118,6 @@ def test_interrupted_build_resumes_to_identical_files(tmp_path, monkeypatch):
 
 def _strip_seconds(raw: bytes) -> bytes:
     # Timings differ between runs; everything else in a layer file must be byte-identical.
-    from safetensors.torch import load
-    import re
-
     n = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8 : 8 + n])
     meta = json.loads(header.pop("__metadata__")["obcompress"])

@@ -99,15 +99,16 @@ def run_fitcompress(model: nn.Module, data: Iterable, goal: Union[str, Goal], *,
     fisher = empirical_fisher(model, labelled, loss_fn, mode=fisher_mode, min_batches=min_batches,
                               max_batches=max_batches, tol=tol)
     t1 = time.perf_counter()
-    refresh = None
-    if refresh_batches > 0:
-        def refresh(step):
-            m = copy.deepcopy(model)
-            apply_rtn_fit(m, step.choice, fisher)
-            # The convergence test needs two batches at least.
-            n = max(2, refresh_batches)
-            return empirical_fisher(m, labelled, loss_fn, mode=fisher_mode, min_batches=n, max_batches=n, tol=tol)
-    path = plan_path(fisher, model, None, goal, lam=lam, mode=mode, beam_width=beam_width, refresh=refresh)
+
+    def refresh(step):
+        m = copy.deepcopy(model)
+        apply_rtn_fit(m, step.choice, fisher)
+        # The convergence test needs two batches at least.
+        n = max(2, refresh_batches)
+        return empirical_fisher(m, labelled, loss_fn, mode=fisher_mode, min_batches=n, max_batches=n, tol=tol)
+
+    path = plan_path(fisher, model, None, goal, lam=lam, mode=mode, beam_width=beam_width,
+                     refresh=refresh if refresh_batches > 0 else None)
     t2 = time.perf_counter()
     out: Dict[str, Any] = {"path": path, "fisher_seconds": t1 - t0, "search_seconds": t2 - t1,
                            "fisher_batches": fisher.batches, "fisher_converged": fisher.converged, "results": {}}

@@ -14,8 +14,8 @@ shape as solver problems and how many output positions one sample gives (tokens,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..solvers import parse_mask_structure
 
