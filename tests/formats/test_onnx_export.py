@@ -13,7 +13,13 @@ pytest.importorskip("onnxscript")
 
 from obcompress.api import compress  # noqa: E402
 from obcompress.formats import load, save  # noqa: E402
-from obcompress.formats.onnx_export import export_dense_onnx, export_onnx, ort_session  # noqa: E402
+from obcompress.formats.onnx_export import (  # noqa: E402
+    _activation_hooks_suspended,
+    export_dense_onnx,
+    export_onnx,
+    ort_optimized_ops,
+    ort_session,
+)
 
 # Weight-only graphs compute what PyTorch computes up to float32 summation order.
 RTOL = 1e-5
@@ -77,13 +83,13 @@ def _images(n=64, seed=1):
     return torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
 
 
-def _run(path, x, outputs=None, optimize=True):
+def _run(path, x, outputs=None, optimize=True, exact=True):
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if optimize:
-        sess = ort_session(path)
+        sess = ort_session(path, exact=exact)
     else:
         sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feeds = {sess.get_inputs()[0].name: x.numpy()}
@@ -181,7 +187,7 @@ def test_dense_export_is_the_float_model(tmp_path):
     np.testing.assert_allclose(_run(out.path, x)[0], y, rtol=RTOL, atol=RTOL * np.abs(y).max())
 
 
-def _input_codes_check(model, result, path, x, tmp_path):
+def _input_codes_check(model, result, path, x, tmp_path, exact=True):
     """Each layer's input codes in onnxruntime against the quantizer's on the PyTorch inputs, and the
     output difference against what the differing codes of the last layer's input explain."""
     quantizers = result.activation_quantizers
@@ -197,7 +203,7 @@ def _input_codes_check(model, result, path, x, tmp_path):
         h.remove()
     probe = _with_outputs(path, [f"{n}/input_quantized" for n in names], tmp_path / "probe.onnx",
                           onnx.TensorProto.UINT8)
-    y_ort, *codes = _run(probe, x)
+    y_ort, *codes = _run(probe, x, exact=exact)
     diffs = {}
     for n, c in zip(names, codes):
         ref = quantizers[n].codes(captured[n]).numpy()
@@ -229,10 +235,105 @@ def test_weights_and_activations(tmp_path):
     out = export_onnx(model, _images(4), tmp_path / "wa.onnx", result=result)
     assert {n: e["activation_bits"] for n, e in out.layers.items()} == {"conv": 8, "dw": 8, "pw": 8, "fc": 4}
     ops = [n.op_type for n in onnx.load(str(out.path)).graph.node]
-    assert ops.count("QuantizeLinear") == 4 and ops.count("Clip") == 1
+    # symmetric 8-bit inputs after ReLU: the clamp at 0 is not the quantizer's, so conv and dw get a
+    # Q/DQ pair on their outputs (fold_batchnorm, on for W+A) and the ReLU stays
+    assert out.folded == {"conv": ["BatchNormalization", "QuantizeLinear"], "dw": ["QuantizeLinear"]}
+    assert out.integer_ready == ["conv", "dw"] and "BatchNormalization" not in ops
+    assert ops.count("QuantizeLinear") == 4 + 2 and ops.count("Clip") == 1 and ops.count("Relu") == 3
     x = torch.randn(50, 1, 8, 8, generator=torch.Generator().manual_seed(4)) * 1.5  # beyond the calibrated range
     y, y_ort, diffs = _input_codes_check(model, result, out.path, x, tmp_path)
     assert (np.abs(y_ort - y) <= _last_layer_bound(result, model, "fc", diffs, y, 1e-5)).all()
+
+
+class SamePadConv(nn.Conv2d):
+    """TensorFlow's "same" padding of a stride-2 conv, as EfficientNet-Lite's port does it: a Pad first."""
+
+    def forward(self, x):
+        return super().forward(F.pad(x, (0, 1, 0, 1)))
+
+
+class ConvBnNet(nn.Module):
+    """EfficientNet-Lite's pattern: conv + BatchNorm + ReLU6 stages, a stride-2 conv with "same" padding,
+    a pointwise conv whose BatchNorm goes straight to the next conv, a pooled head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = SamePadConv(3, 8, 3, stride=2, bias=False)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self.pw = nn.Conv2d(8, 16, 1)
+        self.pw2 = nn.Conv2d(16, 16, 1, bias=False)
+        self.bns = nn.ModuleList(nn.BatchNorm2d(c) for c in (8, 8, 16, 16))
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = F.relu6(self.bns[0](self.stem(x)))
+        x = F.relu6(self.bns[1](self.dw(x)))
+        x = self.bns[2](self.pw(x))
+        x = F.relu6(self.bns[3](self.pw2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def _conv_bn_net():
+    torch.manual_seed(0)
+    m = ConvBnNet()
+    with torch.no_grad():
+        for bn in m.bns:
+            bn.running_mean.uniform_(-0.3, 0.3)
+            bn.running_var.uniform_(0.3, 3.0)
+            bn.weight.uniform_(0.5, 3.0)
+            bn.weight[::3] *= -1  # negative factors: the folded weight scales are negative there
+            bn.bias.uniform_(-0.5, 1.5)
+    return m.eval()
+
+
+def _photos(n, seed):
+    return torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_fold_batchnorm_gives_integer_convs_with_the_simulated_codes(symmetric, tmp_path):
+    model = _conv_bn_net()
+    acts = {"num_bits": 8, "symmetric": symmetric}
+    recipe = {"solver": "rtn", "quantization": {"num_bits": 8, "activations": acts}}
+    if symmetric:  # pw2's input at 4 bits: the quantizer's own clamp sits between pw and its Q; one
+        # scale for all of dw's weight, which the fold turns into one per channel
+        recipe["layers"] = {"pw2": {"quantization": {"activations": {"num_bits": 4, "symmetric": False}}},
+                            "dw": {"quantization": {"strategy": "tensor"}}}
+    result = compress(model, recipe, [_photos(64, 0)], num_calibration_samples=64, progress=False)
+    out = export_onnx(model, _photos(4, 1), tmp_path / "f.onnx", result=result)
+    # asymmetric 8-bit codes start at 0 and end at or below 6: ReLU6 does nothing the quantizer does
+    # not; a symmetric quantizer has codes below 0, so a Q/DQ pair goes on the conv output instead
+    after = ["QuantizeLinear"] if symmetric else ["Clip"]
+    assert out.folded == {"stem": ["BatchNormalization", "Pad"] + after, "dw": ["BatchNormalization"] + after,
+                          "pw": ["BatchNormalization"] + (["QuantizeLinear"] if symmetric else []),
+                          "pw2": ["BatchNormalization"]}
+    assert out.integer_ready == ["stem", "dw", "pw"]  # pw2 feeds a mean, not a quantizer
+    ops = [n.op_type for n in onnx.load(str(out.path)).graph.node]
+    assert "BatchNormalization" not in ops and "Pad" not in ops
+    # the integer codes are still the compressed weights' codes, only their scales changed
+    for name, e in out.layers.items():
+        assert e["weight"] == "int8"
+
+    counts = ort_optimized_ops(out.path)
+    assert counts.get("QLinearConv") == 3 and counts.get("BatchNormalization") is None
+    assert "QLinearConv" not in ort_optimized_ops(out.path, exact=True)  # float bias: no integer kernel
+    plain = export_onnx(model, _photos(4, 1), tmp_path / "plain.onnx", result=result, fold_batchnorm=False)
+    assert plain.folded == {} and plain.integer_ready == []
+    assert "QLinearConv" not in ort_optimized_ops(plain.path)
+
+    x = _photos(40, 2)
+    for exact in (True, False):
+        # exact: float convs with folded weights; default: onnxruntime's QLinearConv (int32 bias)
+        y, y_ort, diffs = _input_codes_check(model, result, out.path, x, tmp_path, exact=exact)
+        assert (np.abs(y_ort - y) <= _last_layer_bound(result, model, "fc", diffs, y, 1e-5)).all()
+
+    # the folds alone, without activation quantizers: the compressed model to float rounding
+    wo = export_onnx(model, _photos(4, 1), tmp_path / "w.onnx", result=result, activations=False, fold_batchnorm=True)
+    assert {n: f[0] for n, f in wo.folded.items()} == dict.fromkeys(["stem", "dw", "pw", "pw2"], "BatchNormalization")
+    assert wo.integer_ready == []
+    with _activation_hooks_suspended(model), torch.no_grad():
+        y = model(x).numpy()
+    np.testing.assert_allclose(_run(wo.path, x)[0], y, rtol=RTOL, atol=RTOL * np.abs(y).max())
 
 
 def test_sparse_24_w4a8_zeros_are_exact_and_artifact_export_is_the_same(tmp_path):
@@ -338,6 +439,7 @@ def test_bad_inputs(tmp_path):
         (dict(model=model, example_inputs=x, path=p, result=result, opset=17), "opset"),
         (dict(model=model, example_inputs=x, path=p, result=result, opset="21"), "opset"),
         (dict(model=model, example_inputs=x, path=p, result=result, activations="yes"), "activations"),
+        (dict(model=model, example_inputs=x, path=p, result=result, fold_batchnorm=1), "fold_batchnorm"),
         (dict(model=model, example_inputs=None, path=p, result=result), "example_inputs"),
         (dict(model=model, example_inputs=(x, "a"), path=p, result=result), r"example_inputs\[1\]"),
         (dict(model=model, example_inputs=torch.tensor(1.0), path=p, result=result), "scalar"),

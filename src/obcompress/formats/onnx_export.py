@@ -16,19 +16,26 @@ reaches the graph unchanged, BatchNorm included), then rewrites the graph for ea
   first, which is what clamping its codes does.
 - pruned weights stay zeros: a pruned weight's code is the zero point, which dequantizes to 0 exactly;
   a pruned layer without quantization keeps its float initializer, zeros included.
+- W+A exports (``fold_batchnorm``): BatchNorm after a conv with int8 weights is folded into the
+  weight's DequantizeLinear scale and the bias, a zero Pad in front of a conv becomes its padding,
+  and clamps (ReLU6) between a conv and the next layer's input quantizer are dropped where that
+  quantizer's range already does their work, else preceded by a Q/DQ pair with its parameters:
+  onnxruntime then runs those convs as QLinearConv. All exact up to float rounding.
 
 Every integer initializer is checked before writing: decoded with ONNX's rule ``(q - zero) * scale``
 in float32 it must equal the model's weight bit for bit (the same arithmetic as
-``QuantGrid.decode``). Whatever cannot be expressed -- a weight the exporter folded or uses in
-another op, act-order column groups, a group grid below opset 21, a non-float32 weight -- is a
-ValueError naming the layer, never a silently dense or different graph.
+``QuantGrid.decode``), before any BatchNorm is folded into its scale. Whatever cannot be
+expressed -- a weight the exporter folded or uses in another op, act-order column groups, a group
+grid below opset 21, a non-float32 weight -- is a ValueError naming the layer, never a silently
+dense or different graph.
 
 onnxruntime (1.32 measured) rewrites ``DequantizeLinear`` -> ``MatMul`` into its ``MatMulNBits``
 kernel (int4 and int8 weights), by default at accuracy level 4, which quantizes the activations
 to int8 per block at run time: outputs then differ from the PyTorch model by about 0.5 % relative.
 It also rounds the float bias of a Conv/Gemm whose input and weight are both dequantized to
-int32 steps (input scale x weight scale). ``ort_session(..., exact=True)`` turns both off; outputs
-then match PyTorch to float32 rounding.
+int32 steps (input scale x weight scale), which its integer kernels need (a folded BatchNorm's
+shift is in that bias). ``ort_session(..., exact=True)`` turns both off; outputs then match
+PyTorch to float32 rounding, and no conv runs as QLinearConv.
 """
 
 from __future__ import annotations
@@ -65,7 +72,8 @@ from .artifact import (
 )
 from .packing import packed_size, unpack_bits, unpack_mask
 
-__all__ = ["OnnxExport", "WEIGHT_FORMATS", "export_dense_onnx", "export_onnx", "onnx_layer_latency", "ort_session"]
+__all__ = ["OnnxExport", "WEIGHT_FORMATS", "export_dense_onnx", "export_onnx", "onnx_layer_latency",
+           "ort_optimized_ops", "ort_session"]
 
 WEIGHT_FORMATS = ("int8", "auto")
 MIN_OPSET = 18  # the oldest opset torch's exporter writes
@@ -87,6 +95,13 @@ class OnnxExport:
     dynamic_batch: bool
     # name -> {"weight": "int8" | "int4" | "float", "bits", "granularity", "activation_bits"}
     layers: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    # fold_batchnorm: name -> what was folded into its Conv or around it ("BatchNormalization", "Pad",
+    # "Clip"/"Relu" (absorbed by the next quantizer) or "QuantizeLinear" (a Q/DQ pair on its output))
+    folded: Dict[str, List[str]] = field(default_factory=dict)
+    # layers whose Conv reads a dequantized input and int8 weight and feeds exactly one QuantizeLinear:
+    # what onnxruntime runs as QLinearConv (in sessions that let it quantize the bias, see ort_session).
+    # onnxruntime may find more: it moves Q/DQ across MaxPool and reshapes itself (ort_optimized_ops).
+    integer_ready: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -367,6 +382,8 @@ class _Graph:
         self.front: list = []  # nodes fed by initializers only
         self.new_inits: list = []
         self.drop_inits: set = set()
+        # layer name -> names of its weight DequantizeLinear (scale, zero point, output) for the fold pass
+        self.weight_dq: Dict[str, Dict[str, Any]] = {}
 
     def fresh(self, base: str) -> str:
         name, i = base, 1
@@ -478,6 +495,9 @@ def _add_dequantize(g: _Graph, layer: _Layer, wname: str, perm: Optional[List[in
         raise ValueError(f"layer {layer.name}: its integer codes do not dequantize to the weight in the exported "
                          "graph")  # a bug, not a user error: refuse rather than write a different model
     qn, sn, zn = g.fresh(f"{wname}_quantized"), g.fresh(f"{wname}_scale"), g.fresh(f"{wname}_zero_point")
+    if perm is None:
+        g.weight_dq[layer.name] = {"out": out, "scale": sn, "zero": zn, "kind": kind,
+                                   "blocked": "block_size" in attrs}
     g.new_inits += [_to_int_tensor(q, kind, qn), numpy_helper.from_array(np.ascontiguousarray(s, np.float32), sn),
                     _to_int_tensor(np.ascontiguousarray(z), kind, zn)]
     if reshape is None:
@@ -560,7 +580,7 @@ def _add_input_quantizer(g: _Graph, layer: _Layer, node, input_index: int, q: Ac
 
 
 def _rewrite(model_proto, layers: Dict[str, _Layer], quantizers: Dict[str, ActivationQuantizer], fmt: str,
-             opset: int, activations: bool) -> Dict[str, Dict[str, Any]]:
+             opset: int, activations: bool) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, Dict[str, Any]]]:
     import onnx
 
     g = _Graph(model_proto)
@@ -616,7 +636,340 @@ def _rewrite(model_proto, layers: Dict[str, _Layer], quantizers: Dict[str, Activ
     g.graph.node.extend(nodes)
     del g.graph.initializer[:]
     g.graph.initializer.extend(keep + g.new_inits)
-    return report
+    return report, g.weight_dq
+
+
+# ---------------------------------------------------------------------------------------------
+# folding for onnxruntime's integer kernels
+#
+# onnxruntime replaces DequantizeLinear(x) -> Conv(DequantizeLinear(w)) -> QuantizeLinear(y) by its
+# integer QLinearConv only when the Conv's output goes to that one QuantizeLinear and nothing else. The
+# traced graph has a BatchNormalization after each conv, often a clamp (ReLU6 is a Clip) and, for
+# "same" padding, a Pad before the next conv's input quantizer; all three are rewritten away here,
+# each exactly (up to float rounding): the next layer's codes are the ones the simulation computes.
+
+_CLAMPS = ("Clip", "Relu")
+_CODE_RANGE = {"uint8": (0, 255), "int8": (-128, 127)}
+
+
+def _constant(g: _Graph, producers: Dict[str, Any], name: str) -> Optional[np.ndarray]:
+    """The value of ``name`` when it is an initializer, a Constant or a float cast of one; else None."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    if not name:
+        return None
+    if name in g.inits:
+        return g.array(name)
+    node = producers.get(name)
+    if node is None:
+        return None
+    if node.op_type == "Constant" and len(node.attribute) == 1:
+        a = node.attribute[0]
+        if a.name == "value":
+            return numpy_helper.to_array(a.t)
+        if a.name in ("value_float", "value_floats", "value_int", "value_ints"):
+            return np.asarray(helper.get_attribute_value(a))
+        return None
+    to = next((a.i for a in node.attribute if a.name == "to"), None)
+    # Only float32 models are exported: the CastLike of a constant casts it to float32 (F.relu6's
+    # bounds are integers until then).
+    if (node.op_type == "Cast" and to == TensorProto.FLOAT) or node.op_type == "CastLike":
+        v = _constant(g, producers, node.input[0])
+        return None if v is None or v.dtype.kind not in "fiub" else v.astype(np.float32)
+    return None
+
+
+def _cast_constants(g: _Graph, producers) -> None:
+    """CastLike(constant, x) with a float32 x -> Cast(constant, to=FLOAT).
+
+    torch casts a clamp's bounds and a bias-free conv's zero bias "like" the activation; that read of
+    the activation only for its dtype would keep a dropped clamp or Pad alive and give the conv's
+    output a second reader, which is enough to keep onnxruntime from its integer kernel."""
+    from onnx import TensorProto, helper
+
+    types = {v.name: v.type.tensor_type.elem_type for v in list(g.graph.value_info) + list(g.graph.input)}
+    types.update({t.name: t.data_type for t in g.graph.initializer})
+    for node in g.nodes:
+        if node.op_type != "CastLike" or types.get(node.input[1]) != TensorProto.FLOAT:
+            continue
+        if _constant(g, producers, node.input[0]) is None:
+            continue
+        del node.input[1]
+        node.op_type = "Cast"
+        node.attribute.append(helper.make_attribute("to", TensorProto.FLOAT))
+
+
+def _fold_batchnorm(g: _Graph, producers, outputs: set, layer: _Layer, rec: Dict[str, Any], conv) -> bool:
+    """BatchNorm after the conv -> per-channel factor on the weight's scale, shift into the bias."""
+    from onnx import helper, numpy_helper
+
+    users = g.consumers(conv.output[0])
+    if conv.output[0] in outputs or len(users) != 1:
+        return False
+    bn, idx = users[0]
+    if bn.op_type != "BatchNormalization" or idx != 0 or len(bn.output) != 1:
+        return False
+    attrs = {a.name: helper.get_attribute_value(a) for a in bn.attribute}
+    if attrs.get("training_mode", 0):
+        return False
+    O = layer.info.groups * layer.info.rows
+    params = [_constant(g, producers, n) for n in bn.input[1:5]]
+    if any(p is None or p.shape != (O,) for p in params):
+        return False
+    gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+    if len(conv.input) > 2 and conv.input[2]:
+        b = _constant(g, producers, conv.input[2])
+        if b is None:
+            if layer.info.module.bias is not None:
+                return False
+            # torch's exporter builds the zero bias of a bias-free conv from the weight's shape at run
+            # time; the module says it is zero.
+            b = np.zeros(O)
+        elif b.shape != (O,):
+            return False
+    else:
+        b = np.zeros(O)
+    # float32 epsilon: what the BatchNormalization node computes with
+    factor = gamma / np.sqrt(var + np.float64(np.float32(attrs.get("epsilon", 1e-5))))
+    s = g.array(rec["scale"]).astype(np.float64)
+    folded = s * (factor[:, None] if rec["blocked"] else factor)
+    if not np.isfinite(folded).all() or (folded == 0).any():
+        return False  # a zero scale would make the integer kernels divide by zero
+    dq = next(n for n in g.nodes
+              if n.op_type == "DequantizeLinear" and len(n.input) > 1 and n.input[1] == rec["scale"])
+    if s.ndim == 0:
+        # one scale per tensor becomes one per output channel, along the conv weight's axis 0
+        z = int(np.asarray(g.array(rec["zero"])).astype(np.int8))
+        g.inits[rec["zero"]].CopyFrom(_to_int_tensor(np.full(O, z, np.int8), rec["kind"], rec["zero"]))
+        g._arrays.pop(rec["zero"], None)
+        dq.attribute.append(helper.make_attribute("axis", 0))
+    g.inits[rec["scale"]].CopyFrom(numpy_helper.from_array(folded.astype(np.float32), rec["scale"]))
+    g._arrays.pop(rec["scale"], None)
+    bias = g.fresh(f"{layer.name}.bias_folded")
+    g.new_inits.append(numpy_helper.from_array(((b - mean) * factor + beta).astype(np.float32), bias))
+    if len(conv.input) > 2:
+        conv.input[2] = bias
+    else:
+        conv.input.append(bias)
+    conv.output[0] = bn.output[0]
+    producers[bn.output[0]] = conv
+    g.removed.add(id(bn))
+    return True
+
+
+def _fold_pad(g: _Graph, producers, layer: _Layer, conv) -> bool:
+    """A zero Pad before the conv's input (and its quantizer) -> the conv's own pads.
+
+    Exact: the quantizer maps 0 to its zero point, which dequantizes to 0 again, so padding before or
+    after quantizing is the same, and QLinearConv pads with the zero point."""
+    from onnx import helper
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+    if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        return False
+    first, node = conv, producers.get(conv.input[0])
+    if node is not None and node.op_type == "DequantizeLinear":
+        q = producers.get(node.input[0])
+        if q is None or q.op_type != "QuantizeLinear" or list(q.input[1:]) != list(node.input[1:]):
+            return False
+        # the unpadded input goes through the quantizer only if nothing else reads its codes or values
+        if len(g.consumers(node.input[0])) != 1 or len(g.consumers(conv.input[0])) != 1:
+            return False
+        first, node = q, producers.get(q.input[0])
+        if node is not None and node.op_type == "Clip":  # the clamp of a quantizer of fewer than 8 bits
+            lo, hi = (_constant(g, producers, n) for n in node.input[1:3])
+            if lo is None or hi is None or not float(lo) <= 0.0 <= float(hi):
+                return False
+            if len(g.consumers(node.output[0])) != 1:
+                return False
+            first, node = node, producers.get(node.input[0])
+    if node is None or node.op_type != "Pad":
+        return False
+    mode = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "mode"), b"constant")
+    if mode not in (b"constant", "constant") or (len(node.input) > 3 and node.input[3]):
+        return False
+    value = _constant(g, producers, node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(())
+    pads = _constant(g, producers, node.input[1])
+    rank = {"conv1d": 3, "conv2d": 4}[layer.info.kind]
+    if value is None or value.size != 1 or float(value) != 0.0 or pads is None or pads.shape != (2 * rank,):
+        return False
+    pads = [int(p) for p in pads]
+    if min(pads) < 0 or pads[0] or pads[1] or pads[rank] or pads[rank + 1]:
+        return False  # a crop, or padding of batch or channels, is no conv padding
+    spatial = rank - 2
+    old = list(attrs.get("pads", [0] * 2 * spatial))
+    new = [old[d] + pads[2 + d] for d in range(spatial)]
+    new += [old[spatial + d] + pads[rank + 2 + d] for d in range(spatial)]
+    for a in [a for a in conv.attribute if a.name in ("pads", "auto_pad")]:
+        conv.attribute.remove(a)
+    conv.attribute.append(helper.make_attribute("pads", new))
+    # the Pad itself stays only if something else reads it
+    first.input[0] = node.input[0]
+    return True
+
+
+def _quantize_output(g: _Graph, producers, outputs: set, layer: _Layer, conv, after: Dict[int, list]) -> List[str]:
+    """Make the conv's output go to exactly one QuantizeLinear, when what follows it is a chain of
+    clamps (Clip, Relu) ending at input quantizers that share one scale and zero point.
+
+    A chain that cannot move a value out of the quantizer's code range is dropped. Otherwise a
+    Quantize/DequantizeLinear pair with that quantizer's parameters goes between the conv and the chain:
+    quantizing, clamping to [lo, hi] and quantizing again gives the codes of quantizing the clamped
+    value, because rounding to the grid is monotone and a bound beyond the last code clamps to it."""
+    from onnx import helper
+
+    value, chain, lo, hi = conv.output[0], [], -np.inf, np.inf
+    while True:
+        users = g.consumers(value)
+        if value in outputs or not users:
+            return []
+        if all(u.op_type == "QuantizeLinear" and i == 0 for u, i in users):
+            break
+        if len(users) != 1 or users[0][0].op_type not in _CLAMPS or users[0][1] != 0:
+            return []
+        node = users[0][0]
+        if node.op_type == "Relu":
+            a, b = 0.0, np.inf
+        else:
+            ends = []
+            for i, default in ((1, -np.inf), (2, np.inf)):
+                if len(node.input) > i and node.input[i]:
+                    v = _constant(g, producers, node.input[i])
+                    if v is None or v.size != 1:
+                        return []
+                    ends.append(float(v))
+                else:
+                    ends.append(default)
+            a, b = ends
+        # clamp(clamp(x, lo, hi), a, b) == clamp(x, clamp(lo, a, b), clamp(hi, a, b))
+        lo, hi = min(max(lo, a), b), min(max(hi, a), b)
+        chain.append(node)
+        value = node.output[0]
+    qs = [u for u, _ in users]
+    params = set()
+    for q in qs:
+        s = _constant(g, producers, q.input[1])
+        z = _constant(g, producers, q.input[2]) if len(q.input) > 2 and q.input[2] else np.zeros((), np.uint8)
+        if s is None or z is None or s.size != 1 or z.size != 1 or str(z.dtype) not in _CODE_RANGE:
+            return []
+        params.add((float(s), int(z), str(z.dtype), q.input[1], q.input[2] if len(q.input) > 2 else ""))
+    if len({p[:3] for p in params}) != 1:
+        return []
+    if not chain:
+        return []  # nothing in between: complete already, or several quantizers that no pair can serve
+    s, z, dtype, sn, zn = sorted(params)[0]
+    qmin, qmax = _CODE_RANGE[dtype]
+
+    def code(v: float) -> float:
+        return v if math.isinf(v) else float(np.round(np.float32(v) / np.float32(s))) + z
+
+    if code(lo) <= qmin and code(hi) >= qmax:
+        # the quantizer's own clamp to its codes does what the chain does
+        for q in qs:
+            q.input[0] = conv.output[0]
+        return [n.op_type for n in chain]
+    y, yq = g.fresh(f"{layer.name}/output"), g.fresh(f"{layer.name}/output_quantized")
+    out = conv.output[0]
+    conv.output[0] = y
+    producers[y] = conv
+    qn = helper.make_node("QuantizeLinear", [y, sn, zn] if zn else [y, sn], [yq],
+                          name=g.fresh(f"{layer.name}/output_q"))
+    dqn = helper.make_node("DequantizeLinear", [yq, sn, zn] if zn else [yq, sn], [out],
+                           name=g.fresh(f"{layer.name}/output_dq"))
+    after.setdefault(id(conv), []).extend([qn, dqn])
+    producers[yq], producers[out] = qn, dqn
+    return ["QuantizeLinear"]
+
+
+def _drop_dead(g: _Graph, outputs: set, after: Dict[int, list]) -> None:
+    """Remove nodes whose outputs nothing reads (ONNX nodes have no side effects)."""
+    while True:
+        live = [n for n in g.nodes if id(n) not in g.removed]
+        read = {x for n in live for x in n.input} | outputs
+        read.update(x for ns in after.values() for n in ns for x in n.input)
+        dead = [n for n in live if not any(o in read for o in n.output if o)]
+        if not dead:
+            return
+        g.removed.update(id(n) for n in dead)
+
+
+def _fold_for_integer_kernels(model_proto, layers: Dict[str, _Layer], weight_dq: Dict[str, Dict[str, Any]]):
+    """The exact rewrites above, for every conv with a quantized weight; returns (what was folded or
+    inserted per layer, the layers whose Conv now reads dequantized input and weight and feeds one
+    QuantizeLinear: the pattern onnxruntime runs as QLinearConv)."""
+    import onnx
+
+    g = _Graph(model_proto)
+    outputs = {o.name for o in g.graph.output}
+    producers = {o: n for n in g.nodes for o in n.output}
+    after: Dict[int, list] = {}
+    folded: Dict[str, List[str]] = {}
+    convs = {}
+    _cast_constants(g, producers)
+    for name, rec in weight_dq.items():
+        layer = layers[name]
+        if layer.info.kind not in ("conv1d", "conv2d"):
+            continue
+        users = [(n, i) for n, i in g.consumers(rec["out"]) if n.op_type not in _SHAPE_OPS]
+        if len(users) != 1 or users[0][0].op_type != "Conv" or users[0][1] != 1:
+            continue  # a weight shared by several convs has one scale for all: nothing to fold into
+        convs[name] = users[0][0]
+        # onnxruntime (1.32) has integer convs for int8 weights only, but its default sessions round the
+        # bias of every conv with dequantized input and weight to int32 steps of input scale x weight
+        # scale: for an int4 weight (a coarse scale) a folded shift would only lose precision there.
+        fold = rec["kind"] == "int8" and _fold_batchnorm(g, producers, outputs, layer, rec, convs[name])
+        folded[name] = ["BatchNormalization"] if fold else []
+    _drop_dead(g, outputs, after)
+    for name, conv in convs.items():
+        if _fold_pad(g, producers, layers[name], conv):
+            folded[name].append("Pad")
+    _drop_dead(g, outputs, after)
+    for name, conv in convs.items():
+        folded[name] += _quantize_output(g, producers, outputs, layers[name], conv, after)
+    _drop_dead(g, outputs, after)
+
+    nodes, copies = [], {}
+    for n in g.nodes:
+        if id(n) in g.removed:
+            continue
+        copies[id(n)] = onnx.NodeProto()
+        copies[id(n)].CopyFrom(n)  # the originals go with the old node list
+        nodes.append(copies[id(n)])
+        nodes.extend(after.get(id(n), []))
+    made = {o: n for n in nodes for o in n.output}
+    readers: Dict[str, list] = {}
+    for n in nodes:
+        for x in n.input:
+            readers.setdefault(x, []).append(n)
+    ready = []
+    for name, conv in convs.items():
+        if weight_dq[name]["kind"] != "int8" or weight_dq[name]["blocked"]:
+            continue  # not a weight QLinearConv takes
+        c = copies[id(conv)]
+        data, weight = made.get(c.input[0]), made.get(c.input[1])
+        out = readers.get(c.output[0], [])
+        if data is not None and weight is not None and data.op_type == weight.op_type == "DequantizeLinear" \
+                and len(out) == 1 and out[0].op_type == "QuantizeLinear" and c.output[0] not in outputs:
+            ready.append(name)
+    inits = []
+    for t in list(g.graph.initializer) + g.new_inits:
+        if t.name in readers or t.name in outputs:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(t)
+            inits.append(copy)
+    infos = []
+    for v in g.graph.value_info:
+        if v.name in made:  # shapes of values that the rewrite removed would describe nothing
+            copy = onnx.ValueInfoProto()
+            copy.CopyFrom(v)
+            infos.append(copy)
+    del g.graph.node[:]
+    g.graph.node.extend(nodes)
+    del g.graph.initializer[:]
+    g.graph.initializer.extend(inits)
+    del g.graph.value_info[:]
+    g.graph.value_info.extend(infos)
+    return {k: v for k, v in folded.items() if v}, ready
 
 
 # ---------------------------------------------------------------------------------------------
@@ -639,7 +992,7 @@ def _write_atomic(data: bytes, path: Path) -> None:
         raise
 
 
-def _finish(model_proto, path: Path, opset: int, layers_report) -> OnnxExport:
+def _finish(model_proto, path: Path, opset: int, layers_report, folded=None, ready=None) -> OnnxExport:
     import onnx
 
     model_proto.producer_name = "obcompress"
@@ -655,7 +1008,8 @@ def _finish(model_proto, path: Path, opset: int, layers_report) -> OnnxExport:
     _write_atomic(data, path)
     dims = model_proto.graph.input[0].type.tensor_type.shape.dim if model_proto.graph.input else []
     dynamic = bool(dims) and dims[0].HasField("dim_param")
-    return OnnxExport(path=path, bytes=path.stat().st_size, opset=opset, dynamic_batch=dynamic, layers=layers_report)
+    return OnnxExport(path=path, bytes=path.stat().st_size, opset=opset, dynamic_batch=dynamic, layers=layers_report,
+                      folded=folded or {}, integer_ready=ready or [])
 
 
 def export_onnx(
@@ -669,6 +1023,7 @@ def export_onnx(
     weight_format: str = "auto",
     activations: bool = True,
     dynamic_batch: bool = True,
+    fold_batchnorm: Optional[bool] = None,
 ) -> OnnxExport:
     """Write the compressed ``model`` as ONNX to ``path`` (atomically); returns what was written.
 
@@ -679,6 +1034,25 @@ def export_onnx(
     ``weight_format``: "int8" stores every quantized weight as int8; "auto" stores grids of at most
     4 bits as int4 when ``opset`` >= 21, the rest as int8. ``activations=False`` leaves out the input
     quantizers of a W+A model (the graph then computes with float inputs).
+
+    ``fold_batchnorm`` (default: on when the graph quantizes activations) rewrites each conv with a
+    quantized weight so that onnxruntime can run it with integer kernels (QLinearConv, int8 weights
+    per tensor or channel), each rewrite exact up to float rounding:
+
+    - a BatchNormalization right after a conv with int8 weights is folded into it: its per-channel factor
+      gamma / sqrt(var + eps) multiplies the weight's DequantizeLinear scale (the integer codes stay
+      the compressed ones), its shift goes into the conv's bias;
+    - a zero Pad in front of the conv's input quantizer becomes the conv's own padding;
+    - clamps between the conv and the next layers' input quantizers (Clip, Relu; ReLU6 is a Clip):
+      dropped when they cannot move a value out of the quantizer's codes (an asymmetric quantizer
+      on ReLU6 outputs, zero point 0 and top code at or below 6), otherwise a Quantize/
+      DequantizeLinear pair with that quantizer's scale and zero point goes on the conv's output
+      (a symmetric quantizer after ReLU: the clamp at 0 stays, on dequantized codes).
+
+    What stays float: a conv whose output also feeds something else than one quantizer (a residual
+    Add, a second branch), or reaches it through anything but clamps (pooling, reshapes). See
+    ``OnnxExport.folded`` and ``OnnxExport.integer_ready``; ``ort_optimized_ops`` counts what
+    onnxruntime made of it.
     """
     _require_onnx()
     path, opset = _check_common(model, path, opset)
@@ -686,6 +1060,8 @@ def export_onnx(
         raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
     if not isinstance(activations, bool):
         raise ValueError(f"activations must be true or false, got {activations!r}")
+    if fold_batchnorm is not None and not isinstance(fold_batchnorm, bool):
+        raise ValueError(f"fold_batchnorm must be true, false or None (on for W+A exports), got {fold_batchnorm!r}")
     if (result is None) == (artifact_dir is None):
         raise ValueError("give exactly one of result= (what compress() returned) or artifact_dir= (an artifact "
                          "loaded into the model); for a float model use export_dense_onnx")
@@ -698,8 +1074,11 @@ def export_onnx(
         _check_on_grid(layer, opset)
     with _activation_hooks_suspended(model):
         proto = _torch_export(model, args, kwargs, opset, dynamic_batch)
-    report = _rewrite(proto, layers, quantizers, weight_format, opset, activations)
-    return _finish(proto, path, opset, report)
+    report, weight_dq = _rewrite(proto, layers, quantizers, weight_format, opset, activations)
+    if fold_batchnorm is None:
+        fold_batchnorm = activations and bool(quantizers)
+    folded, ready = _fold_for_integer_kernels(proto, layers, weight_dq) if fold_batchnorm else ({}, [])
+    return _finish(proto, path, opset, report, folded, ready)
 
 
 def export_dense_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathLike], *,
@@ -721,7 +1100,9 @@ def ort_session(path: Union[str, os.PathLike], threads: int = 1, exact: bool = T
     in float32 (accuracy level 1) instead of quantizing activations to int8 (its default, level 4),
     and its WeightBiasQuantization pass, which rounds the float bias of a Conv/Gemm with quantized
     input and weight to int32 steps of input scale x weight scale (up to half a step per output),
-    is off. ``exact=False`` is onnxruntime's default behaviour, the fastest.
+    is off. ``exact=False`` is onnxruntime's default behaviour, the fastest; only it runs the convs
+    that ``export_onnx(fold_batchnorm=True)`` prepares with integer kernels (QLinearConv), whose
+    codes may then differ from the simulation's by one step where a value sits on a rounding boundary.
 
     ``fold_weights``: onnxruntime dequantizes every weight once when the session starts and runs
     float kernels (its QDQ handling off: no integer kernels, Q/DQ of activations computed as they
@@ -729,10 +1110,19 @@ def ort_session(path: Union[str, os.PathLike], threads: int = 1, exact: bool = T
     """
     import onnxruntime as ort
 
+    options, kwargs = _session_options(path, threads, exact, fold_weights)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"], **kwargs)
+
+
+def _session_options(path, threads, exact, fold_weights):
+    import onnxruntime as ort
+
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
     if not Path(path).is_file():
         raise ValueError(f"ONNX file not found: {path}")
+    if not isinstance(exact, bool):
+        raise ValueError(f"exact must be true or false, got {exact!r}")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -745,7 +1135,27 @@ def ort_session(path: Union[str, os.PathLike], threads: int = 1, exact: bool = T
     if exact:
         options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
         kwargs["disabled_optimizers"] = ["WeightBiasQuantization"]
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"], **kwargs)
+    return options, kwargs
+
+
+def ort_optimized_ops(path: Union[str, os.PathLike], threads: int = 1, exact: bool = False,
+                      fold_weights: bool = False) -> Dict[str, int]:
+    """How many nodes of each op type onnxruntime runs for the model, after its graph optimisation
+    (the session ``ort_session`` makes with these arguments; by default onnxruntime's own defaults).
+
+    ``QLinearConv`` counts the convs it runs with integer kernels (``exact=True`` sessions have none:
+    QLinearConv needs the int32 bias that the WeightBiasQuantization pass makes)."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+
+    options, kwargs = _session_options(path, threads, exact, fold_weights)
+    with tempfile.TemporaryDirectory(prefix="obcompress-ort-") as tmp:
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"], **kwargs)
+        graph = onnx.load(options.optimized_model_filepath, load_external_data=False).graph
+    return dict(collections.Counter(n.op_type for n in graph.node))
 
 
 # ---------------------------------------------------------------------------------------------
