@@ -266,6 +266,23 @@ def _check_loss(loss: Any) -> torch.Tensor:
     return loss.reshape(())
 
 
+class _ModelState:
+    """The train/eval flags, requires_grad and .grad of a model, to put back however a pass ended."""
+
+    def __init__(self, model: nn.Module):
+        self.training = {m: m.training for m in model.modules()}
+        self.requires = {p: p.requires_grad for p in model.parameters()}
+        self.grads = {p: p.grad for p in model.parameters()}
+
+    def restore(self) -> None:
+        for m, t in self.training.items():
+            m.training = t
+        for p, r in self.requires.items():
+            p.requires_grad_(r)
+        for p, gr in self.grads.items():
+            p.grad = gr
+
+
 def empirical_fisher(
     model: nn.Module,
     data: Iterable,
@@ -308,9 +325,7 @@ def empirical_fisher(
         raise ValueError(f"layers {missing[:5]}: their weight is not a parameter of the model")
     wnames = [param_name[id(w)] for w in weights]
 
-    training = {m: m.training for m in model.modules()}
-    requires = {p: p.requires_grad for p in model.parameters()}
-    grads = {p: p.grad for p in model.parameters()}
+    saved_state = _ModelState(model)
     L = len(names)
     sums = {n: torch.zeros(w.shape, dtype=torch.float64, device=w.device) for n, w in zip(names, weights)}
     tr_sum, tr_sq = np.zeros(L), np.zeros(L)
@@ -362,12 +377,7 @@ def empirical_fisher(
             if n >= max_batches:
                 break
     finally:
-        for m, t in training.items():
-            m.training = t
-        for p, r in requires.items():
-            p.requires_grad_(r)
-        for p, gr in grads.items():
-            p.grad = gr
+        saved_state.restore()
     if not seen.all():
         idle = [nm for nm, s in zip(names, seen) if not s]
         raise ValueError(f"layers {idle[:5]} took no part in the loss (no gradient on any batch): leave them out "
@@ -1147,9 +1157,7 @@ def finetune(
 
     from torch.func import functional_call
 
-    training = {m: m.training for m in model.modules()}
-    requires = {p: p.requires_grad for p in model.parameters()}
-    grads = {p: p.grad for p in model.parameters()}
+    saved_state = _ModelState(model)
     history: List[float] = []
     try:
         model.eval()
@@ -1178,10 +1186,5 @@ def finetune(
         with torch.no_grad():
             for _, w, geom, keep, grid in layers:
                 w.copy_(compressed(w, geom, keep, grid, False))
-        for m, t in training.items():
-            m.training = t
-        for p, r in requires.items():
-            p.requires_grad_(r)
-        for p, gr in grads.items():
-            p.grad = gr
+        saved_state.restore()
     return history

@@ -396,27 +396,24 @@ def spdy(db: Database, model: nn.Module, data: Iterable, goal: Goal, *, num_samp
         best_idx = solve(best_c)
         best = evaluate(best_idx)
         history.append(("dp", best))
+        def candidates():
+            for _ in range(restarts):
+                yield "restart", [rng.random() for _ in range(L)]
+            for t in range(steps):
+                # Re-draw a shrinking random subset of the best vector so far (read as it is now).
+                frac = 0.5 * (1 - t / max(1, steps)) if steps > 1 else 0.5
+                c = list(best_c)
+                for i in rng.sample(range(L), max(1, int(round(frac * L)))):
+                    c[i] = rng.random()
+                yield "step", c
+
         bar = tqdm(total=restarts + steps, desc="spdy", unit="eval", disable=not progress, file=sys.stderr)
-        for _ in range(restarts):
-            c = [rng.random() for _ in range(L)]
+        for kind_, c in candidates():
             idx = solve(c)
             val = evaluate(idx)
             if val < best:
                 best, best_c, best_idx = val, c, idx
-            history.append(("restart", best))
-            bar.update(1)
-            bar.set_postfix_str(f"loss {best:.4g}")
-        for t in range(steps):
-            frac = 0.5 * (1 - t / max(1, steps)) if steps > 1 else 0.5
-            k = max(1, int(round(frac * L)))
-            c = list(best_c)
-            for i in rng.sample(range(L), k):
-                c[i] = rng.random()
-            idx = solve(c)
-            val = evaluate(idx)
-            if val < best:
-                best, best_c, best_idx = val, c, idx
-            history.append(("step", best))
+            history.append((kind_, best))
             bar.update(1)
             bar.set_postfix_str(f"loss {best:.4g}")
         bar.close()
