@@ -9,7 +9,7 @@ evaluates the model in onnxruntime where that is cheap: digits-cnn accuracy on i
 images, efficientnet-lite0 top-1 / top-5 on its 132 labelled photos and "agree", the share of
 photos whose top-1 class is the dense fp32 model's in onnxruntime (minilm: none; its evaluation
 embeds 1,000 reviews). "sim top1" is the PyTorch simulation of the compressed model on the same
-photos. "max |diff|" is the largest difference of the onnxruntime output from the PyTorch model's
+photos. "max abs diff" is the largest difference of the onnxruntime output from the PyTorch model's
 on the timing input (batch 1), relative to the largest output. "int convs": the layers whose Conv
 the export prepared for integer kernels; "QLinearConv": how many onnxruntime's optimised graph runs.
 "folded": a weight-only file timed with its weights dequantized once when the session starts
@@ -267,7 +267,7 @@ def run_one(model_name: str, variant: str, args, workdir: Path) -> Dict[str, Any
     reference = run_torch(model, one)
     sess = ort_session(out.path, threads=args.threads[0], exact=args.exact)
     got = sess.run(None, session_feeds(sess, one))[0]
-    row["max |diff|"] = float(np.abs(got - reference).max() / max(np.abs(reference).max(), 1e-12))
+    row["max abs diff"] = float(np.abs(got - reference).max() / max(np.abs(reference).max(), 1e-12))
     row.update({f"ort {k}": v for k, v in ort_metrics(model_name, sess, dense=recipe is None).items()})
     row["_onnx"] = out.path
     # The same weight-only file, its weights dequantized once at load: the speed of size alone.
@@ -305,7 +305,7 @@ def columns(args) -> List[str]:
     cols += [f"ms t{t} b{b}" for t in args.threads for b in args.batches]
     cols.append(FOLDED.format(t=args.threads[0], b=args.batches[-1]))
     return cols + ["int convs", "QLinearConv", "ort accuracy", "ort top1", "ort top5", "ort agree", "sim top1",
-                   "max |diff|", "compress s", "wall s"]
+                   "max abs diff", "compress s", "wall s"]
 
 
 def fmt(col: str, v: Any) -> str:
@@ -319,7 +319,7 @@ def fmt(col: str, v: Any) -> str:
         return f"{100 * v:.1f}"
     if col == "onnx / fp32":
         return f"{v:.3f}"
-    if col == "max |diff|":
+    if col == "max abs diff":
         return f"{v:.1e}"
     if col.endswith(" s"):
         return f"{v:.1f}"
