@@ -25,14 +25,6 @@ from obcompress.formats.onnx_export import (  # noqa: E402
 RTOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class SmallCNN(nn.Module):
     """digits-cnn sized: a conv + BatchNorm, a depthwise conv, a pointwise conv (no bias) and a linear layer."""
 
