@@ -459,15 +459,9 @@ between thread counts.
 def machine_line() -> str:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for ln in f:
-                if ln.startswith("model name"):
-                    cpu = ln.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    from obcompress.search.costs import cpu_model
+
+    cpu = cpu_model()
     return (f"Run {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, "
             f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}.")
 

@@ -27,6 +27,8 @@ def test_pseudo_labels_and_refusals():
     assert len(lab) == 2 and torch.equal(lab[0][1], model(X[:64]).argmax(1))
     own = labelled_batches(model, [(X[:64], y[:64]), (X[64:128], y[64:128])], 128)
     assert torch.equal(own[1][1], y[64:128])
+    single = labelled_batches(model, [(X[i:i + 1], y[i:i + 1]) for i in range(3)], 3)
+    assert [int(b[1]) for b in single] == y[:3].tolist()  # batches of one keep their own labels
     with pytest.raises(ValueError, match="labelled data"):
         labelled_batches(nn.Linear(16, 1), list(X.split(64)), 64)
 

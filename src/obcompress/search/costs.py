@@ -282,18 +282,22 @@ _CACHE_VERSION = 1
 KERNELS = ("dense", "csr", "int8")
 
 
-def _machine() -> str:
-    """What the measurements depend on: the CPU model and the torch build."""
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
                 if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{cpu} / torch {torch.__version__}"
+    return cpu
+
+
+def _machine() -> str:
+    """What the measurements depend on: the CPU model and the torch build."""
+    return f"{cpu_model()} / torch {torch.__version__}"
 
 
 def _kernel_shape(geom: LayerGeometry) -> Tuple[int, ...]:

@@ -136,6 +136,11 @@ class LayerEntry:
         return float(v[kind])
 
 
+def _tag(key: str) -> str:
+    """A variant key or structure as a tensor-name part."""
+    return key.replace(":", "_").replace("@", "_")
+
+
 def _order_dtype(cols: int) -> torch.dtype:
     return torch.int16 if cols < 2**15 else torch.int32
 
@@ -177,7 +182,7 @@ def _build_layer(name: str, info: LayerInfo, H: torch.Tensor, space: SearchSpace
             raise ValueError(f"layer {name}: {structure} pruning: {e}") from None
         dbs[structure] = per_group
         dt = time.perf_counter() - t0
-        tag = structure.replace(":", "_")
+        tag = _tag(structure)
         tensors[f"order.{tag}"] = torch.stack([d.order for d in per_group]).to(_order_dtype(C)).contiguous()
         tensors[f"losses.{tag}"] = torch.stack([d.losses for d in per_group]).to(torch.float32).contiguous()
         damp[structure] = [float(d.damp) for d in per_group]
@@ -227,11 +232,11 @@ def _build_layer(name: str, info: LayerInfo, H: torch.Tensor, space: SearchSpace
             else:
                 loss += res.loss
             damp_used = max(damp_used, res.damp)
-        tag = v.key.replace(":", "_").replace("@", "_")
+        tag = _tag(v.key)
         stacked = torch.stack(codes)
         if v.pruned:
             # Pruned weights need no code: the mask (1 bit) and the kept codes are smaller.
-            keep = torch.stack([res_mask for res_mask in masks])
+            keep = torch.stack(masks)
             tensors[f"mask.{tag}"] = pack_mask(keep)
             stacked = stacked[keep]
         tensors[f"codes.{tag}"] = pack_bits(stacked.flatten(), v.bits)
@@ -400,7 +405,7 @@ class Database:
         if ck not in self._obs_cache:
             e = self._layer(name)
             t = self._tensors(name)
-            tag = structure.replace(":", "_")
+            tag = _tag(structure)
             if f"order.{tag}" not in t:
                 raise ValueError(f"layer {name}: the database has no {structure} pruning record")
             H = self.hessian(name)
@@ -431,21 +436,18 @@ class Database:
             s = None if v.kind == "nm" else v.sparsity
             return torch.stack([d.at(s).weight for d in dbs]).to(torch.float32)
         t = self._tensors(name)
-        tag = v.key.replace(":", "_").replace("@", "_")
+        tag = _tag(v.key)
         n = g.groups * g.rows * g.cols
+        scale, zero = t[f"scale.{tag}"], t[f"zero.{tag}"]  # (groups, rows, 1): per-channel grids
         if v.pruned:
             keep = unpack_mask(t[f"mask.{tag}"], (g.groups, g.rows, g.cols))
             # A pruned weight's code is the grid's zero point: it decodes to exactly 0.
-            codes = torch.stack([t[f"zero.{tag}"][k].round().to(torch.uint8).expand(g.rows, g.cols)
-                                 for k in range(g.groups)]).clone()
+            codes = zero.round().to(torch.uint8).expand(g.groups, g.rows, g.cols).clone()
             codes[keep] = unpack_bits(t[f"codes.{tag}"], v.bits, int(keep.sum()))
         else:
             codes = unpack_bits(t[f"codes.{tag}"], v.bits, n).reshape(g.groups, g.rows, g.cols)
-        out = torch.empty(g.groups, g.rows, g.cols)
-        for k in range(g.groups):
-            grid = QuantGrid(v.bits, t[f"scale.{tag}"][k], t[f"zero.{tag}"][k], self.space.symmetric, "channel")
-            out[k] = grid.decode(codes[k])
-        return out
+        # Per-row grids of every group at once: QuantGrid.decode's formula, broadcast over groups.
+        return scale * (codes.to(torch.float32) - zero)
 
     def apply(self, model: nn.Module, choice: Mapping[str, Union[Variant, str]],
               originals: Optional[Mapping[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:

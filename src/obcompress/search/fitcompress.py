@@ -38,7 +38,7 @@ def labelled_batches(model: nn.Module, data: Iterable, num_samples: int, transfo
     else the dense model's top-1 prediction for each input."""
     raw = list(data)
     if raw and isinstance(raw[0], (tuple, list)) and len(raw[0]) == 2 and isinstance(raw[0][1], torch.Tensor) \
-            and not raw[0][1].is_floating_point() and raw[0][1].dim() == 1 and raw[0][1].numel() > 1:
+            and not raw[0][1].is_floating_point() and raw[0][1].dim() == 1:
         out, n = [], 0
         for x, y in raw:
             out.append((x, y))

@@ -19,7 +19,7 @@ import torch.nn as nn
 import yaml
 
 from ..model.calibration import calibration_batches
-from ..model.corrections import reestimate_batchnorm
+from ..model.corrections import correctable_norms, reestimate_batchnorm
 from .database import Database
 from .nonuniform import Configuration, Goal, _Stitcher, best_uniform, parse_goal, select_dp, spdy
 
@@ -71,8 +71,6 @@ def run_sweep(db: Database, model: nn.Module, data: Iterable, evaluate: Callable
     dense_metrics = evaluate(model)
     metric = main_metric(dense_metrics)
     stitch = _Stitcher(db, model)
-    from ..model.corrections import correctable_norms
-
     norm_state = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in correctable_norms(model).items()}
 
     def measure(cfg: Configuration) -> Dict[str, float]:
