@@ -209,7 +209,8 @@ def compress(
         for name, info in bar:
             t_layer = time.perf_counter()
             if recipe.calibration == "sequential":
-                H = collect_hessians(model, {name: info}, batches)[name]
+                # Only the layers up to this one need to run on each batch.
+                H = collect_hessians(model, {name: info}, batches, stop_early=True)[name]
             else:
                 H = hessians.pop(name)
             report, state = _compress_layer(name, info, H, schemes[name])

@@ -401,8 +401,11 @@ def _search_fit(args, entry, progress) -> int:
 
     apply = {"none": (), "obc": ("obc",), "rtn": ("rtn",), "both": ("rtn", "obc")}[args.apply]
     act = args.activation_bits or None
-    dense = entry.evaluate(entry.model) if apply else None
-    r = run_fitcompress(entry.model, entry.calibration, args.goal, evaluate=entry.evaluate, apply=apply,
+    # A model without logits of its own (minilm's embeddings) brings its task: a head, labels, targets.
+    task = entry.fisher_task() if getattr(entry, "fisher_task", None) is not None else None
+    model, data, evaluate = (task.model, task.data, task.evaluate) if task else entry[:3]
+    dense = evaluate(model) if apply else None
+    r = run_fitcompress(model, data, args.goal, evaluate=evaluate, apply=apply, targets=task.targets if task else None,
                         num_calibration_samples=args.calibration_samples, mode=args.search,
                         beam_width=args.beam_width, lam=args.lam, finetune_epochs=args.finetune_epochs,
                         progress=progress, activation_bits=act, refresh_batches=args.refresh_batches,
@@ -411,6 +414,11 @@ def _search_fit(args, entry, progress) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     recipe = path.recipe(activation_bits=act if path.goal.cost.name == "bops" else None)
+    if task is not None and task.prefix:
+        # Named as in the entry's own model, so that `obcompress compress --model M` applies it.
+        cut = len(task.prefix)
+        recipe["targets"] = [n[cut:] for n in recipe["targets"]]
+        recipe["layers"] = {n[cut:]: v for n, v in recipe["layers"].items()}
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     write_path_report(path, out, {"fisher_seconds": r["fisher_seconds"], "search_seconds": r["search_seconds"],
                                   "fisher_batches": r["fisher_batches"], "dense": dense,

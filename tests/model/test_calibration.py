@@ -299,3 +299,47 @@ def test_unbatched_conv_input_counts_as_one_image():
     with HessianHooks(layers) as hooks, torch.no_grad():
         conv(x)
     torch.testing.assert_close(hooks.hessians()["0"], _hand_conv_hessians(x[None], conv), rtol=1e-12, atol=1e-12)
+
+
+class _Counting(nn.Module):
+    """fc1 runs twice per forward (shared weights), fc2 once; counts the forwards of the tail."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.tail = nn.Linear(6, 6), nn.Linear(6, 4), nn.Linear(4, 3)
+        self.tail_calls = 0
+        self.tail.register_forward_pre_hook(lambda m, a: setattr(self, "tail_calls", self.tail_calls + 1))
+
+    def forward(self, x):
+        return self.tail(self.fc2(torch.relu(self.fc1(torch.relu(self.fc1(x))))))
+
+
+def test_stop_early_gives_the_same_hessians_and_skips_the_rest_of_the_model():
+    model = _Counting().eval()
+    batches = [torch.randn(5, 6, generator=_gen(i)) for i in range(4)]
+    for targets in (["fc1"], ["fc1", "fc2"]):
+        layers = find_layers(model, targets=targets)
+        full = collect_hessians(model, layers, batches)
+        model.tail_calls = 0
+        early = collect_hessians(model, layers, batches, stop_early=True)
+        for n in targets:
+            assert torch.equal(early[n], full[n]), n
+        # Only the first batch reaches the tail: the others stop after the last call of the hooked layers.
+        assert model.tail_calls == 1
+    assert not model.fc1._forward_pre_hooks
+
+
+def test_stop_early_refuses_data_dependent_calls():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.fc(x) if x.shape[0] > 1 else x
+
+    model = Branchy().eval()
+    layers = find_layers(model)
+    with pytest.raises(ValueError, match="fewer times than on the first batch"):
+        collect_hessians(model, layers, [torch.randn(2, 3), torch.randn(1, 3)], stop_early=True)
+    assert not model.fc._forward_pre_hooks

@@ -62,3 +62,29 @@ def test_refreshed_fisher_path_still_meets_the_goal():
     r = run_fitcompress(model, list(X.split(64)), "size=1/6", apply=(), num_calibration_samples=256,
                         refresh_batches=1, progress=False)
     assert r["path"].reduction >= 6 * (1 - 1e-9) and r["path"].info["refreshed"]
+
+
+class _WithIdleLayer(nn.Module):
+    """A classifier with a layer the loss never reaches (as a BERT pooler under mean pooling)."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+        self.idle = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_targets_leave_out_layers_outside_the_loss():
+    model, X, y = _model_and_data()
+    wrapped = _WithIdleLayer(model)
+    data = [(X[i:i + 64], y[i:i + 64]) for i in range(0, 256, 64)]
+    with pytest.raises(ValueError, match="took no part in the loss"):
+        run_fitcompress(wrapped, data, "size=1/6", apply=(), num_calibration_samples=256, progress=False)
+    idle = wrapped.idle.weight.detach().clone()
+    r = run_fitcompress(wrapped, data, "size=1/6", apply=("obc",), num_calibration_samples=256, progress=False,
+                        targets=["re:body\\..*"])
+    assert set(r["path"].choice) == {"body.0", "body.2"}
+    assert set(r["path"].recipe()["targets"]) <= {"body.0", "body.2"}
+    assert torch.equal(wrapped.idle.weight, idle)

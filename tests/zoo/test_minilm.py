@@ -111,3 +111,24 @@ def test_dense_figures_and_fixed_reference(dense, reviews):
     assert float((moved * ref.test[:50]).sum(1).mean()) < 0.999
     dense_acc = M.classify(ref, ref.test).eq(reviews.test_labels).double().mean()
     assert float(dense_acc) == pytest.approx(metrics["accuracy"])
+
+
+def test_labelled_batches_and_sentiment_head_match_the_fixed_classifier(dense, reviews):
+    model, tok = dense
+    labelled = M.labelled_calibration_batches(5, batch_size=2, tokenizer=tok, reviews=reviews)
+    plain = M.calibration_batches(5, batch_size=2, tokenizer=tok, reviews=reviews)
+    assert [x["input_ids"].shape for x, _ in labelled] == [b["input_ids"].shape for b in plain]
+    assert torch.equal(torch.cat([y for _, y in labelled]), reviews.train_labels[:5])  # no test duplicate among them
+    g = torch.Generator().manual_seed(0)
+    ref = M.DenseReference(torch.zeros(1, 384), torch.zeros(1, 384), torch.randn(384, generator=g, dtype=torch.float64), 0.3)
+    head = M.SentimentClassifier(model, ref)
+    assert head.encoder is model and [n for n, _ in head.named_parameters()][0].startswith("encoder.")
+    texts = reviews.train_texts[:3]
+    with torch.no_grad():
+        logits = torch.cat([head(**M.tokenize(tok, [t])) for t in texts])
+    assert logits.shape == (3, 2) and torch.all(logits[:, 0] == 0)
+    emb = M.embed(model, tok, texts)
+    assert torch.equal((logits[:, 1] > 0).long(), M.classify(ref, emb))
+    assert torch.allclose(logits[:, 1].double(), emb.double() @ ref.coef + ref.intercept, atol=1e-4)
+    from obcompress.model.layers import find_layers
+    assert len(find_layers(head, M.CLASSIFIER_TARGETS)) == 36

@@ -268,7 +268,7 @@ def _layers_from_artifact(model: nn.Module, directory) -> Tuple[Dict[str, _Layer
 
 def _check_columns(layer: _Layer, col: torch.Tensor) -> None:
     """The grid's column groups must be runs of consecutive columns, which is all DequantizeLinear has."""
-    G, C = layer.info.groups, layer.info.cols
+    C = layer.info.cols
     c = torch.arange(C)
     expected = (c // layer.group_size) if layer.strategy == "group" else torch.zeros_like(c)
     if not torch.equal(col.to(torch.long).reshape(-1, C), expected.expand(col.reshape(-1, C).shape[0], C)):

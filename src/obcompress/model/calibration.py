@@ -17,7 +17,7 @@ import torch.nn as nn
 from ..solvers.hessian import HessianAccumulator, all_finite
 from .layers import LayerInfo
 
-__all__ = ["HessianHooks", "calibration_batches", "collect_hessians", "count_samples", "run_model"]
+__all__ = ["HessianHooks", "StopForward", "calibration_batches", "collect_hessians", "count_samples", "run_model"]
 
 # Collated samples from a torch Dataset come in batches of this size.
 _DATASET_BATCH_SIZE = 32
@@ -158,6 +158,10 @@ class HessianHooks:
         self.layers = dict(layers)
         self._accumulators = {name: HessianAccumulator(info.cols, info.groups) for name, info in self.layers.items()}
         self._handles: list = []
+        # Calls of each layer in the current forward pass; with ``stop_at`` set, the pass is cut
+        # (``StopForward``) once every layer has had that many calls: the rest of the model is not needed.
+        self.calls: Dict[str, int] = {name: 0 for name in self.layers}
+        self.stop_at: Optional[Dict[str, int]] = None
 
     def __enter__(self) -> "HessianHooks":
         try:
@@ -201,6 +205,9 @@ class HessianHooks:
                     acc.add_conv_input(x, m.kernel_size, m.stride, m.padding, m.dilation, m.groups, m.padding_mode)
             except (ValueError, RuntimeError) as exc:
                 raise ValueError(f"layer {name}: cannot accumulate its input of shape {tuple(x.shape)}: {exc}") from None
+            self.calls[name] += 1
+            if self.stop_at is not None and all(self.calls[n] >= k for n, k in self.stop_at.items()):
+                raise StopForward
             return None
 
         return hook
@@ -222,19 +229,46 @@ class HessianHooks:
         return out
 
 
-def collect_hessians(model: nn.Module, layers: Dict[str, LayerInfo], batches: Iterable[Any]) -> Dict[str, torch.Tensor]:
-    """One no-grad pass of the dense model in eval mode over ``batches``; name -> H (groups, cols, cols).
+class StopForward(BaseException):
+    """Raised by the Hessian hooks to cut a forward pass whose remaining layers are not needed
+    (a BaseException, so that a model's own ``except Exception`` cannot swallow it)."""
 
-    Every layer sees the inputs produced by the unmodified model (the 'parallel' calibration mode).
-    The train/eval flag of every submodule is restored afterwards.
+
+def collect_hessians(model: nn.Module, layers: Dict[str, LayerInfo], batches: Iterable[Any], *,
+                     stop_early: bool = False) -> Dict[str, torch.Tensor]:
+    """One no-grad pass of the model in eval mode over ``batches``; name -> H (groups, cols, cols).
+
+    Every layer sees the inputs the model as it is now gives it (the dense model: the 'parallel'
+    calibration mode). ``stop_early``: the first batch runs the whole model and counts the calls
+    of each hooked layer; every later batch stops as soon as those calls are done (a layer early
+    in the network then costs a fraction of a forward pass). This assumes that the number of
+    calls of a layer per batch does not depend on the data; a batch that ends with fewer calls is
+    an error, never a silently thinner Hessian. The train/eval flag of every submodule is restored.
     """
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with HessianHooks(layers) as hooks, torch.no_grad():
             count = 0
+            first_calls: Dict[str, int] = {}
             for batch in batches:
-                run_model(model, batch)
+                hooks.calls = dict.fromkeys(hooks.calls, 0)
+                if stop_early and count > 0:
+                    hooks.stop_at = first_calls
+                    try:
+                        run_model(model, batch)
+                    except StopForward:
+                        pass
+                    finally:
+                        hooks.stop_at = None
+                    short = {n: c for n, c in hooks.calls.items() if c < first_calls[n]}
+                    if short:
+                        raise ValueError(
+                            f"calibration batch {count}: layers {sorted(short)[:3]} were called fewer times than on "
+                            "the first batch: their calls depend on the data; calibrate without stop_early")
+                else:
+                    run_model(model, batch)
+                    first_calls = dict(hooks.calls)
                 count += 1
         if count == 0:
             raise ValueError("no calibration batches: collect_hessians needs at least one batch of model inputs")

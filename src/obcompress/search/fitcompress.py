@@ -75,7 +75,8 @@ def run_fitcompress(model: nn.Module, data: Iterable, goal: Union[str, Goal], *,
                     loss_fn: Callable = _cross_entropy, mode: str = "beam", beam_width: int = 1, lam: float = 1.0,
                     fisher_mode: str = "batch", min_batches: int = 4, max_batches: int = 64, tol: float = 0.05,
                     finetune_epochs: int = 0, finetune_lr: float = 1e-4, progress: bool = True,
-                    activation_bits: Optional[int] = None, refresh_batches: int = 0) -> Dict[str, Any]:
+                    activation_bits: Optional[int] = None, refresh_batches: int = 0,
+                    targets: Union[None, str, Sequence[str]] = None) -> Dict[str, Any]:
     """Fisher, path, and each requested application evaluated on a fresh copy of ``model``.
 
     ``refresh_batches`` > 0: the reference's approximate mode, the Fisher re-estimated at every
@@ -83,7 +84,8 @@ def run_fitcompress(model: nn.Module, data: Iterable, goal: Union[str, Goal], *,
     the node's configuration.
 
     Returns {"path": FitPath, "fisher_seconds", "search_seconds", "results": {apply: {metrics, seconds}}}.
-    ``model`` is left dense.
+    ``targets``: the layers to consider, as ``find_layers`` reads them (None: every compressible
+    layer; each must take part in the loss). ``model`` is left dense.
     """
     import copy
 
@@ -96,7 +98,7 @@ def run_fitcompress(model: nn.Module, data: Iterable, goal: Union[str, Goal], *,
         raise ValueError(f"apply must be obc and/or rtn, got {bad}")
     t0 = time.perf_counter()
     labelled = labelled_batches(model, data, num_calibration_samples)
-    fisher = empirical_fisher(model, labelled, loss_fn, mode=fisher_mode, min_batches=min_batches,
+    fisher = empirical_fisher(model, labelled, loss_fn, layers=targets, mode=fisher_mode, min_batches=min_batches,
                               max_batches=max_batches, tol=tol)
     t1 = time.perf_counter()
 
@@ -105,7 +107,8 @@ def run_fitcompress(model: nn.Module, data: Iterable, goal: Union[str, Goal], *,
         apply_rtn_fit(m, step.choice, fisher)
         # The convergence test needs two batches at least.
         n = max(2, refresh_batches)
-        return empirical_fisher(m, labelled, loss_fn, mode=fisher_mode, min_batches=n, max_batches=n, tol=tol)
+        return empirical_fisher(m, labelled, loss_fn, layers=targets, mode=fisher_mode, min_batches=n,
+                                max_batches=n, tol=tol)
 
     path = plan_path(fisher, model, None, goal, lam=lam, mode=mode, beam_width=beam_width,
                      refresh=refresh if refresh_batches > 0 else None)

@@ -18,7 +18,6 @@ cols^3. Rows are batched in chunks and every operation inside a step is vectoris
 
 from __future__ import annotations
 
-import math
 import queue
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass

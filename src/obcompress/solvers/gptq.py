@@ -15,7 +15,6 @@ vector and one column step is a handful of vector ops plus one rank-1 update ove
 
 from __future__ import annotations
 
-import math
 import time
 from typing import List, Optional, Tuple
 

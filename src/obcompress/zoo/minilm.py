@@ -249,6 +249,48 @@ def calibration_batches(n: int = 128, batch_size: int = 1, max_length: int = MAX
     return [tokenize(tokenizer, texts[i : i + batch_size], max_length) for i in range(0, n, batch_size)]
 
 
+def labelled_calibration_batches(n: int = 128, batch_size: int = 1, max_length: int = MAX_LENGTH, tokenizer=None,
+                                 reviews: Optional[Reviews] = None) -> List[Tuple[Dict[str, torch.Tensor], torch.Tensor]]:
+    """``(model kwargs, labels)`` for the same training reviews as ``calibration_batches`` (labels
+    1 = great): the labelled data a Fisher needs, through ``SentimentClassifier``."""
+    reviews = reviews if reviews is not None else load_reviews()
+    test = set(reviews.test_texts)
+    labels = [int(y) for t, y in zip(reviews.train_texts, reviews.train_labels.tolist()) if t not in test]
+    batches = calibration_batches(n, batch_size, max_length, tokenizer, reviews)
+    out, start = [], 0
+    for b in batches:
+        k = int(b["input_ids"].shape[0])
+        out.append((b, torch.tensor(labels[start:start + k], dtype=torch.long)))
+        start += k
+    return out
+
+
+class SentimentClassifier(nn.Module):
+    """The encoder followed by its pooling and the FIXED dense logistic regression: logits (B, 2).
+
+    The embedding model has no loss of its own; this is the task the evaluation measures, so its
+    cross-entropy is what a Fisher of the encoder's weights should see. The classifier is a buffer,
+    never trained; ``encoder`` is the model passed in (not a copy).
+    """
+
+    def __init__(self, encoder: nn.Module, reference: DenseReference):
+        super().__init__()
+        self.encoder = encoder
+        self.register_buffer("coef", reference.coef.float().clone())
+        self.intercept = float(reference.intercept)
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                              token_type_ids=token_type_ids).last_hidden_state
+        z = mean_pool(hidden, attention_mask) @ self.coef + self.intercept
+        # Two-class logits whose softmax is the logistic regression's sigmoid.
+        return torch.stack([torch.zeros_like(z), z], dim=1)
+
+
+# The encoder's 36 Linear layers inside a SentimentClassifier (its pooler takes no part in the task).
+CLASSIFIER_TARGETS = ["re:encoder\\.encoder\\..*"]
+
+
 # ------------------------------------------------------------------------------------ evaluation
 
 
