@@ -289,6 +289,9 @@ def _search_parser(sub) -> None:
                     help="evaluate the configuration: obc = the recipe through the exact solvers; rtn = the "
                          "paper's round-to-nearest with the FIT mask (+ --finetune-epochs)")
     fp.add_argument("--finetune-epochs", type=int, default=0, metavar="E")
+    fp.add_argument("--finetune-lr", type=float, default=1e-4, metavar="LR",
+                    help="Adam learning rate of the fine-tune (default 1e-4; a few epochs on calibration data "
+                         "may need 1e-3 to move weights across grid points)")
     fp.add_argument("--fisher-batches", type=int, default=64, metavar="N",
                     help="at most N batches for the Fisher (it stops earlier once its traces converge)")
     fp.add_argument("--refresh-batches", type=int, default=0, metavar="N",
@@ -407,7 +410,7 @@ def _search_fit(args, entry, progress) -> int:
     dense = evaluate(model) if apply else None
     r = run_fitcompress(model, data, args.goal, evaluate=evaluate, apply=apply, targets=task.targets if task else None,
                         num_calibration_samples=args.calibration_samples, mode=args.search,
-                        beam_width=args.beam_width, lam=args.lam, finetune_epochs=args.finetune_epochs,
+                        beam_width=args.beam_width, lam=args.lam, finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
                         progress=progress, activation_bits=act, refresh_batches=args.refresh_batches,
                         max_batches=args.fisher_batches, min_batches=min(4, args.fisher_batches))
     path = r["path"]

@@ -88,3 +88,18 @@ def test_targets_leave_out_layers_outside_the_loss():
     assert set(r["path"].choice) == {"body.0", "body.2"}
     assert set(r["path"].recipe()["targets"]) <= {"body.0", "body.2"}
     assert torch.equal(wrapped.idle.weight, idle)
+
+
+def test_a_given_fisher_is_reused_as_it_is():
+    from obcompress.search.fit import empirical_fisher
+    from obcompress.search.fitcompress import _cross_entropy
+
+    model, X, y = _model_and_data()
+    data = [(X[i:i + 64], y[i:i + 64]) for i in range(0, 256, 64)]
+    fisher = empirical_fisher(model, data, _cross_entropy)
+    own = run_fitcompress(model, data, "size=1/6", apply=(), num_calibration_samples=256, progress=False)
+    given = run_fitcompress(model, data, "size=1/6", apply=(), num_calibration_samples=256, progress=False,
+                            fisher=fisher)
+    assert {n: v.key for n, v in given["path"].choice.items()} == {n: v.key for n, v in own["path"].choice.items()}
+    with pytest.raises(ValueError, match="fisher must be a Fisher"):
+        run_fitcompress(model, data, "size=1/6", apply=(), progress=False, fisher={"0": torch.ones(3)})

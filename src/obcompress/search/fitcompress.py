@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..model.calibration import calibration_batches, run_model
-from .fit import FitPath, apply_rtn_fit, empirical_fisher, finetune, plan_path
+from .fit import Fisher, FitPath, _check_fisher, apply_rtn_fit, empirical_fisher, finetune, plan_path
 from .nonuniform import Goal, parse_goal
 
 __all__ = ["labelled_batches", "run_fitcompress", "path_plot"]
@@ -76,7 +76,7 @@ def run_fitcompress(model: nn.Module, data: Iterable, goal: Union[str, Goal], *,
                     fisher_mode: str = "batch", min_batches: int = 4, max_batches: int = 64, tol: float = 0.05,
                     finetune_epochs: int = 0, finetune_lr: float = 1e-4, progress: bool = True,
                     activation_bits: Optional[int] = None, refresh_batches: int = 0,
-                    targets: Union[None, str, Sequence[str]] = None) -> Dict[str, Any]:
+                    targets: Union[None, str, Sequence[str]] = None, fisher: Optional[Fisher] = None) -> Dict[str, Any]:
     """Fisher, path, and each requested application evaluated on a fresh copy of ``model``.
 
     ``refresh_batches`` > 0: the reference's approximate mode, the Fisher re-estimated at every
@@ -85,7 +85,9 @@ def run_fitcompress(model: nn.Module, data: Iterable, goal: Union[str, Goal], *,
 
     Returns {"path": FitPath, "fisher_seconds", "search_seconds", "results": {apply: {metrics, seconds}}}.
     ``targets``: the layers to consider, as ``find_layers`` reads them (None: every compressible
-    layer; each must take part in the loss). ``model`` is left dense.
+    layer; each must take part in the loss). ``fisher``: one estimated before on this model and data
+    (``empirical_fisher``), reused instead of a new estimate (several goals, one Fisher); its layers
+    are the ones considered. ``model`` is left dense.
     """
     import copy
 
@@ -98,8 +100,12 @@ def run_fitcompress(model: nn.Module, data: Iterable, goal: Union[str, Goal], *,
         raise ValueError(f"apply must be obc and/or rtn, got {bad}")
     t0 = time.perf_counter()
     labelled = labelled_batches(model, data, num_calibration_samples)
-    fisher = empirical_fisher(model, labelled, loss_fn, layers=targets, mode=fisher_mode, min_batches=min_batches,
-                              max_batches=max_batches, tol=tol)
+    if fisher is None:
+        fisher = empirical_fisher(model, labelled, loss_fn, layers=targets, mode=fisher_mode,
+                                  min_batches=min_batches, max_batches=max_batches, tol=tol)
+    else:
+        fisher = _check_fisher(fisher)
+        targets = list(fisher.diag)
     t1 = time.perf_counter()
 
     def refresh(step):
