@@ -96,3 +96,49 @@ def test_search_fit_writes_recipe_and_path(cache, capsys):
         main(["search", "fit", "--model", "digits-cnn", "--goal", "size=1/1000", "--out", str(out), "--apply", "none",
               "--fisher-batches", "2"])
     assert e.value.code == 2 and "least achievable" in capsys.readouterr().err
+
+
+_EMBEDDER = '''
+import torch
+from torch import nn
+from obcompress.zoo.registry import FisherTask
+
+
+class Head(nn.Module):
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+        self.register_buffer("w", torch.randn(8, 3, generator=torch.Generator().manual_seed(1)))
+
+    def forward(self, x):
+        return self.body(x) @ self.w
+
+
+def factory():
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))  # embeddings, no logits
+    X = torch.randn(256, 16)
+    head = Head(body)
+    y = head(X).argmax(1).detach()
+    with torch.no_grad():
+        ref = body(X)
+    evaluate = lambda m: {"cosine": float(nn.functional.cosine_similarity(m(X), ref).mean())}
+    task = FisherTask(head, [(X[i:i + 64], y[i:i + 64]) for i in range(0, 256, 64)],
+                      lambda h: {"accuracy": float((h(X).detach().argmax(1) == y).float().mean())}, ["re:body\\\\..*"], "body.")
+    return body, list(X.split(64)), evaluate, task
+'''
+
+
+def test_search_fit_on_a_model_without_logits_uses_its_fisher_task(cache, capsys):
+    spec = cache / "embedder.py"
+    spec.write_text(_EMBEDDER)
+    out = cache / "fit"
+    assert main(["search", "fit", "--model", f"{spec}:factory", "--goal", "size=1/6", "--out", str(out),
+                 "--calibration-samples", "256", "--apply", "obc", "--fisher-batches", "4", "--no-progress"]) == 0
+    assert "accuracy" in capsys.readouterr().out
+    import yaml
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    # Named as in the factory's own model, so that `compress --model` applies it as it is.
+    assert set(recipe["targets"]) <= {"0", "2"} and recipe["targets"]
+    assert main(["compress", "--model", f"{spec}:factory", "--recipe", str(out / "recipe.yaml"), "--out",
+                 str(cache / "art"), "--calibration-samples", "256", "--no-progress"]) == 0

@@ -401,11 +401,14 @@ def _search_fit(args, entry, progress) -> int:
     import yaml
 
     from obcompress.search.fitcompress import run_fitcompress, write_path_report
+    from obcompress.zoo.registry import FisherTask
 
     apply = {"none": (), "obc": ("obc",), "rtn": ("rtn",), "both": ("rtn", "obc")}[args.apply]
     act = args.activation_bits or None
     # A model without logits of its own (minilm's embeddings) brings its task: a head, labels, targets.
-    task = entry.fisher_task() if getattr(entry, "fisher_task", None) is not None else None
+    task = entry.fisher_task() if entry.fisher_task is not None else None
+    if task is not None and not isinstance(task, FisherTask):
+        raise ValueError(f"the model's fisher task must be a FisherTask, got {type(task).__name__}")
     model, data, evaluate = (task.model, task.data, task.evaluate) if task else entry[:3]
     dense = evaluate(model) if apply else None
     r = run_fitcompress(model, data, args.goal, evaluate=evaluate, apply=apply, targets=task.targets if task else None,

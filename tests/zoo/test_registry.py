@@ -19,8 +19,9 @@ def test_zoo_names():
     assert set(R.ZOO) == {"digits-cnn", "efficientnet-lite0", "minilm"}
 
 
-def test_digits_entry_is_a_triple_with_training_calibration(cache):
-    model, calib, evaluate = R.resolve("digits-cnn", num_calibration=300, batch_size=128)
+def test_digits_entry_with_training_calibration(cache):
+    model, calib, evaluate, fisher_task = R.resolve("digits-cnn", num_calibration=300, batch_size=128)
+    assert fisher_task is None  # its own logits serve a Fisher
     assert [b.shape[0] for b in calib] == [128, 128, 44]
     metrics = evaluate(model)
     assert set(metrics) == {"accuracy"} and metrics["accuracy"] > 0.9

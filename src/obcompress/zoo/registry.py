@@ -1,8 +1,10 @@
 """Named models for the CLI and benchmarks: each gives ``(model, calibration data, evaluate)``.
 
-``ZOO[name](**options)`` and ``load_spec("path/to/file.py:factory")`` both return a ``ZooEntry``, a
-named triple: the model (eval mode, ready to compress in place), an iterable of calibration batches
-(never evaluation data) and ``evaluate(model) -> {metric: value}``. Metrics that compare with the dense
+``ZOO[name](**options)`` and ``load_spec("path/to/file.py:factory")`` both return a ``ZooEntry``: the
+model (eval mode, ready to compress in place), an iterable of calibration batches (never evaluation
+data), ``evaluate(model) -> {metric: value}``, and ``fisher_task``: None, or for a model without
+logits of its own (minilm's embeddings) a function giving the ``FisherTask`` a Fisher needs (a head
+with a loss, labelled data). A factory returns the first three, or all four. Metrics that compare with the dense
 model (efficientnet's ``agreement``, minilm's cosines and fixed classifier) are computed from a freshly
 loaded dense copy, so evaluating after compressing the returned model in place is correct.
 
@@ -112,10 +114,14 @@ ZOO: Dict[str, Callable[..., ZooEntry]] = {
 
 
 def _as_entry(result, origin: str) -> ZooEntry:
-    if not isinstance(result, (tuple, list)) or len(result) != 3:
+    if not isinstance(result, (tuple, list)) or len(result) not in (3, 4):
         got = type(result).__name__ + (f" of length {len(result)}" if isinstance(result, (tuple, list)) else "")
-        raise ValueError(f"{origin} must return (model, calibration data, evaluate function), got {got}")
-    model, calib, evaluate = result
+        raise ValueError(f"{origin} must return (model, calibration data, evaluate function[, fisher task]), got {got}")
+    model, calib, evaluate = result[:3]
+    task = result[3] if len(result) == 4 else None
+    if task is not None and not (isinstance(task, FisherTask) or callable(task)):
+        raise ValueError(f"{origin}: the fourth item must be a FisherTask or a function returning one, "
+                         f"got {type(task).__name__}")
     if not isinstance(model, nn.Module):
         raise ValueError(f"{origin}: the model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(calib, (str, bytes, torch.Tensor)) or not hasattr(calib, "__iter__"):
@@ -123,7 +129,10 @@ def _as_entry(result, origin: str) -> ZooEntry:
                          f"generator), got {type(calib).__name__}")
     if not callable(evaluate):
         raise ValueError(f"{origin}: the evaluate function must be callable, got {type(evaluate).__name__}")
-    return ZooEntry(model, calib, evaluate)
+    if isinstance(task, FisherTask):
+        fixed = task
+        task = lambda: fixed  # noqa: E731
+    return ZooEntry(model, calib, evaluate, task)
 
 
 def _import_file(path: Path):
