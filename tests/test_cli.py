@@ -122,7 +122,7 @@ def factory():
     y = head(X).argmax(1).detach()
     with torch.no_grad():
         ref = body(X)
-    evaluate = lambda m: {"cosine": float(nn.functional.cosine_similarity(m(X), ref).mean())}
+    evaluate = lambda m: {"cosine": float(nn.functional.cosine_similarity(m(X).detach(), ref).mean())}
     task = FisherTask(head, [(X[i:i + 64], y[i:i + 64]) for i in range(0, 256, 64)],
                       lambda h: {"accuracy": float((h(X).detach().argmax(1) == y).float().mean())}, ["re:body\\\\..*"], "body.")
     return body, list(X.split(64)), evaluate, task
