@@ -59,6 +59,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--spdy-steps", type=int, default=40)
     ap.add_argument("--spdy-samples", type=int, default=64)
     ap.add_argument("--activation-bits", type=int, default=8)
+    ap.add_argument("--correction", choices=("none", "bn", "statcorr"), default="none",
+                    help="run on every evaluated configuration (statcorr: statistics correction toward the dense model)")
     ap.add_argument("--build-only", action="store_true")
     ap.add_argument("--markdown", default=None)
     ap.add_argument("--progress", action="store_true")
@@ -103,7 +105,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 f.write(f"{line}\n\n")
         if args.build_only:
             continue
-        out = dbdir.parent / f"{name}-{args.space}-sweep"
+        out = dbdir.parent / (f"{name}-{args.space}-sweep" + ("" if args.correction == "none" else f"-{args.correction}"))
 
         def log(msg):
             print(f"  {msg}", flush=True)
@@ -111,9 +113,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         doc = run_sweep(db, entry.model, entry.calibration, entry.evaluate, goals, out, methods=methods,
                         activation_bits=args.activation_bits or None, spdy_restarts=args.spdy_restarts,
                         spdy_steps=args.spdy_steps, spdy_samples=args.spdy_samples,
-                        num_calibration_samples=samples, progress=args.progress, log=log)
+                        num_calibration_samples=samples, correction=args.correction, progress=args.progress, log=log)
         metric = doc["metric"]
-        table = [f"dense {metric}: {100 * doc['dense'][metric]:.1f} %; sweep and plots in `{out}` "
+        table = [f"dense {metric}: {100 * doc['dense'][metric]:.1f} %; correction: {args.correction}; sweep and plots in `{out}` "
                  f"(`obcompress report {out}`)\n",
                  "| goal | method | " + metric + " | reached | total layer error | seconds | chosen (uniform) |",
                  "|---|---|---|---|---|---|---|"]

@@ -249,8 +249,9 @@ def _search_parser(sub) -> None:
         p.add_argument("--spdy-steps", type=int, default=100, metavar="N")
         p.add_argument("--spdy-samples", type=int, default=64, metavar="N",
                        help="calibration samples SPDY scores a candidate on (default 64)")
-        p.add_argument("--correction", choices=("none", "bn"), default="none",
-                       help="re-estimate BatchNorm statistics on each candidate before scoring/evaluating it")
+        p.add_argument("--correction", choices=("none", "bn", "statcorr"), default="none",
+                       help="run on each candidate before scoring/evaluating it, and written into the recipe: bn "
+                            "(BatchNorm re-estimation) or statcorr (statistics correction toward the dense model)")
 
     c = ss.add_parser("select", help="choose per-layer variants for one goal and write the recipe")
     common(c)
@@ -357,20 +358,22 @@ def _search(args, parser) -> int:
     act = args.activation_bits or None
     if args.search_command == "select":
         from obcompress.search.nonuniform import best_uniform, parse_goal, select_dp, spdy
-        from obcompress.search.sweep import _correction
+        from obcompress.model.calibration import calibration_batches
+        from obcompress.search.sweep import RECIPE_CORRECTIONS, _correction, attach_recipe_activations
 
         goal = parse_goal(args.goal, **({"activation_bits": act} if args.goal.strip().startswith("bops") and act else {}))
+        batches = calibration_batches(entry.calibration, args.calibration_samples)
+        fix = _correction(args.correction, batches, entry.model)  # the model is still dense here
         if args.method == "uniform":
             cfg = best_uniform(db, goal)[0]
         elif args.method == "spdy":
-            from obcompress.model.calibration import calibration_batches
-
-            batches = calibration_batches(entry.calibration, args.calibration_samples)
             cfg = spdy(db, entry.model, batches, goal, num_samples=args.spdy_samples, restarts=args.spdy_restarts,
-                       steps=args.spdy_steps, correction=_correction(args.correction, batches), progress=progress)
+                       steps=args.spdy_steps, correction=fix, progress=progress)
         else:
             cfg = select_dp(db, goal, buckets=args.buckets, exact=args.method == "exact", score=args.score)
         recipe = cfg.recipe(db, activation_bits=act if goal.cost.name == "bops" else None)
+        if args.correction in RECIPE_CORRECTIONS:
+            recipe["corrections"] = dict(RECIPE_CORRECTIONS[args.correction])
         with open(args.out, "w", encoding="utf-8") as f:
             yaml.safe_dump(recipe, f, sort_keys=False)
         print(f"{'layer':<40} {'variant':>14} {'score':>10}")
@@ -382,6 +385,12 @@ def _search(args, parser) -> int:
         if args.eval:
             m = entry.model
             db.apply(m, cfg.choice)
+            # Evaluated as `compress` runs the recipe: re-estimation, input quantizers, correction.
+            if fix is not None and args.correction == "bn":
+                fix(m)
+            attach_recipe_activations(m, recipe, batches)
+            if fix is not None and args.correction == "statcorr":
+                fix(m)
             _print_metrics("dense", entry.evaluate(_resolve(args.model, args.calibration_samples).model))
             _print_metrics("selected", entry.evaluate(m))
         return 0

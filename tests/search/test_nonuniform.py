@@ -154,3 +154,55 @@ def test_variants_without_a_finite_score_are_not_offered(setup):
         assert all(c.choice["fc1"].key != "w2" for c in uniform_configs(db, make_cost("bops")))
     finally:
         e.variants["w2"]["error"] = saved
+
+
+def test_sweep_with_statistics_correction_is_what_compress_reproduces(setup, tmp_path):
+    import yaml
+
+    from obcompress.search.sweep import run_sweep
+
+    model, data, db = setup
+    dense_bn = copy.deepcopy(model.bn.state_dict())
+
+    def evaluate(m):
+        with torch.no_grad():
+            return {"accuracy": float(m(data[0][0]).sum())}  # any deterministic number of the model
+
+    doc = run_sweep(db, model, data, evaluate, ["bops=1/10"], tmp_path, methods=("dp",), correction="statcorr",
+                    num_calibration_samples=128, progress=False, log=lambda s: None)
+    recipe = yaml.safe_load((tmp_path / doc["runs"][0]["recipe"]).read_text())
+    assert recipe["corrections"] == {"statistics_correction": True}
+    # the model is left dense, BatchNorm included; compress with the written recipe gives the model evaluated
+    assert all(torch.equal(v, dense_bn[k]) for k, v in model.bn.state_dict().items())
+    m = copy.deepcopy(model)
+    compress(m, recipe, data, num_calibration_samples=128, progress=False)
+    assert evaluate(m)["accuracy"] == pytest.approx(doc["runs"][0]["metrics"]["accuracy"], rel=1e-4)
+    with pytest.raises(ValueError, match="no BatchNorm, GroupNorm or LayerNorm"):
+        run_sweep(db, nn.Sequential(nn.Linear(2, 2)), data, evaluate, ["bops=1/10"], tmp_path / "x",
+                  methods=("dp",), correction="statcorr", progress=False)
+
+
+def test_bops_sweep_evaluates_with_the_input_quantizers_its_recipe_has(setup, tmp_path):
+    import yaml
+
+    from obcompress.search.sweep import run_sweep
+
+    model, data, db = setup
+    x = data[0][0]
+
+    def evaluate(m):
+        with torch.no_grad():
+            return {"accuracy": float(m(x).double().sum())}
+
+    doc = run_sweep(db, model, data, evaluate, ["bops=1/10"], tmp_path, methods=("dp",), activation_bits=4,
+                    num_calibration_samples=128, progress=False, log=lambda s: None)
+    run = doc["runs"][0]
+    recipe = yaml.safe_load((tmp_path / run["recipe"]).read_text())
+    assert any((e.get("quantization") or {}).get("activations") for e in recipe["layers"].values())
+    m = copy.deepcopy(model)
+    res = compress(m, recipe, data, num_calibration_samples=128, progress=False)
+    assert res.activation_hooks is not None
+    assert evaluate(m)["accuracy"] == pytest.approx(run["metrics"]["accuracy"], rel=1e-5)
+    res.activation_hooks.remove()
+    assert evaluate(m)["accuracy"] != pytest.approx(run["metrics"]["accuracy"], rel=1e-5)  # 4-bit inputs matter
+    assert not any(mod._forward_pre_hooks for mod in model.modules())  # the sweep's own hooks are gone

@@ -2,7 +2,8 @@
 
 ``run_sweep`` stitches each method's configuration at each goal into the model (the database's
 weights, identical to what ``compress`` produces from the configuration's recipe), evaluates it
-with the model's own evaluation, and writes ``sweep.json`` (plus each configuration's recipe)
+with the model's own evaluation, as ``compress`` would run the configuration's recipe (its input
+quantizers for BOPs goals, its correction), and writes ``sweep.json`` (plus each configuration's recipe)
 into a directory that ``obcompress report`` turns into a Pareto plot and per-layer charts.
 """
 
@@ -18,16 +19,20 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import torch.nn as nn
 import yaml
 
+from ..model.activations import ActivationHooks, attach, calibrate_activation_quantizers
 from ..model.calibration import calibration_batches
-from ..model.corrections import correctable_norms, reestimate_batchnorm
+from ..model.corrections import correctable_norms, norm_statistics, reestimate_batchnorm, statistics_correction
+from ..model.layers import find_layers
 from .database import Database
 from .nonuniform import Configuration, Goal, _Stitcher, best_uniform, parse_goal, select_dp, spdy
 
-__all__ = ["METHODS", "run_sweep", "main_metric", "write_sweep_plots", "SWEEP_FILE"]
+__all__ = ["METHODS", "attach_recipe_activations", "run_sweep", "main_metric", "write_sweep_plots", "SWEEP_FILE"]
 
 METHODS = ("uniform", "dp", "spdy")
 SWEEP_FILE = "sweep.json"
-CORRECTIONS = ("none", "bn")
+CORRECTIONS = ("none", "bn", "statcorr")
+# What a correction is in a recipe, so that `compress` reproduces the model a sweep evaluated.
+RECIPE_CORRECTIONS = {"bn": {"bn_reestimation": True}, "statcorr": {"statistics_correction": True}}
 
 
 def main_metric(metrics: Mapping[str, float]) -> str:
@@ -37,12 +42,40 @@ def main_metric(metrics: Mapping[str, float]) -> str:
     return next(iter(metrics))
 
 
-def _correction(kind: str, batches) -> Optional[Callable[[nn.Module], None]]:
+def _correction(kind: str, batches, model: Optional[nn.Module] = None) -> Optional[Callable[[nn.Module], None]]:
+    """The correction run on a stitched model before it is scored. ``statcorr`` takes the norm
+    layers' output statistics of ``model`` now, which must be the dense model."""
     if kind not in CORRECTIONS:
         raise ValueError(f"correction must be one of {CORRECTIONS}, got {kind!r}")
     if kind == "bn":
         return lambda m: reestimate_batchnorm(m, batches)
+    if kind == "statcorr":
+        if model is None:
+            raise ValueError("statistics correction needs the dense model's statistics: pass the dense model")
+        if not correctable_norms(model):
+            raise ValueError("correction statcorr: the model has no BatchNorm, GroupNorm or LayerNorm layer to correct")
+        stats = norm_statistics(model, batches)
+        return lambda m: statistics_correction(m, stats, batches)
     return None
+
+
+def attach_recipe_activations(model: nn.Module, recipe: Mapping[str, Any], batches) -> Optional[ActivationHooks]:
+    """Calibrate and attach the input quantizers that ``recipe`` gives its layers (as ``compress``
+    does after compressing), so that a stitched configuration is evaluated as the recipe will run;
+    None when the recipe quantizes no activation. The caller removes the hooks."""
+    from ..recipe import Recipe
+
+    r = Recipe.from_dict(dict(recipe))
+    found = find_layers(model, r.targets, r.ignore)
+    schemes = {}
+    for name, info in found.items():
+        sc = r.for_layer(name, type(info.module).__name__)
+        if sc is not None and sc.quantization is not None and sc.quantization.activations is not None:
+            schemes[name] = sc.quantization.activations
+    if not schemes:
+        return None
+    layers = {n: found[n] for n in schemes}
+    return attach(model, layers, calibrate_activation_quantizers(model, layers, schemes, batches))
 
 
 def run_sweep(db: Database, model: nn.Module, data: Iterable, evaluate: Callable[[nn.Module], Dict[str, float]],
@@ -67,19 +100,27 @@ def run_sweep(db: Database, model: nn.Module, data: Iterable, evaluate: Callable
                                                              if g.startswith("bops") and activation_bits else {}))
              for g in goals]
     batches = calibration_batches(data, num_calibration_samples, transform_fn)
-    fix = _correction(correction, batches)
+    fix = _correction(correction, batches, model)
     dense_metrics = evaluate(model)
     metric = main_metric(dense_metrics)
     stitch = _Stitcher(db, model)
     norm_state = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in correctable_norms(model).items()}
 
-    def measure(cfg: Configuration) -> Dict[str, float]:
+    def measure(cfg: Configuration, recipe: Mapping[str, Any]) -> Dict[str, float]:
+        # As `compress` runs the recipe: BatchNorm re-estimation, then the activation quantizers
+        # (the BOPs cost counts activation_bits), then statistics correction with them in place.
         stitch.set(cfg.choice)
+        hooks = None
         try:
-            if fix is not None:
+            if fix is not None and correction == "bn":
+                fix(model)
+            hooks = attach_recipe_activations(model, recipe, batches)
+            if fix is not None and correction == "statcorr":
                 fix(model)
             return evaluate(model)
         finally:
+            if hooks is not None:
+                hooks.remove()
             mods = dict(model.named_modules())
             for n, sd in norm_state.items():
                 mods[n].load_state_dict(sd)
@@ -87,24 +128,34 @@ def run_sweep(db: Database, model: nn.Module, data: Iterable, evaluate: Callable
     rows: List[Dict[str, Any]] = []
     try:
         for goal in goals:
+            act = activation_bits if goal.cost.name == "bops" else None
+
+            def recipe_of(cfg: Configuration) -> Dict[str, Any]:
+                recipe = cfg.recipe(db, activation_bits=act)
+                if correction in RECIPE_CORRECTIONS:
+                    recipe["corrections"] = dict(RECIPE_CORRECTIONS[correction])
+                return recipe
+
             for method in methods:
                 t0 = time.perf_counter()
                 if method == "uniform":
                     cands = best_uniform(db, goal, top=uniform_top)
-                    scored = [(measure(c), c) for c in cands]
+                    scored = [(measure(c, recipe_of(c)), c) for c in cands]
                     metrics, cfg = max(scored, key=lambda mc: mc[0][metric])
                     cfg.info["candidates"] = {c.info["variant"]: m[metric] for m, c in scored}
                 elif method == "dp":
                     cfg = select_dp(db, goal, buckets=buckets)
-                    metrics = measure(cfg)
+                    metrics = measure(cfg, recipe_of(cfg))
                 else:
                     stitch.restore()
+                    # SPDY's candidates are scored without activation quantizers (a proxy); the
+                    # configuration it returns is measured as the recipe runs.
                     cfg = spdy(db, model, batches, goal, num_samples=spdy_samples, restarts=spdy_restarts,
                                steps=spdy_steps, correction=fix, progress=progress)
-                    metrics = measure(cfg)
+                    metrics = measure(cfg, recipe_of(cfg))
                 seconds = time.perf_counter() - t0
                 tag = f"{method}_{goal.cost.name}_{goal.reduction:g}x"
-                recipe = cfg.recipe(db, activation_bits=activation_bits if goal.cost.name == "bops" else None)
+                recipe = recipe_of(cfg)
                 (out / f"{tag}.recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
                 row = {"goal": {"cost": goal.cost.to_dict(), "fraction": goal.fraction, "reduction": goal.reduction},
                        "method": method, "metrics": metrics, "reduction": cfg.reduction, "cost": cfg.cost,
