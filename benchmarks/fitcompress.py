@@ -118,20 +118,26 @@ def main(argv: Optional[List[str]] = None) -> int:
                 del m
             goal = parse_goal(g)
             t = time.perf_counter()
-            dp = select_dp(db, goal)
+            try:
+                dp = select_dp(db, goal)
+            except ValueError as e:  # the database's space cannot reach this goal
+                dp, why = None, str(e).split(": ")[-1]
             dp_s = time.perf_counter() - t
-            stitch.set(dp.choice)
-            dp_acc = entry.evaluate(entry.model)[metric]
-            best_u, best_v = -1.0, ""
-            for u in best_uniform(db, goal, top=3):
-                stitch.set(u.choice)
-                acc = entry.evaluate(entry.model)[metric]
-                if acc > best_u:
-                    best_u, best_v = acc, u.info["variant"]
-            stitch.restore()
+            if dp is not None:
+                stitch.set(dp.choice)
+                dp_acc = entry.evaluate(entry.model)[metric]
+                best_u, best_v = -1.0, ""
+                for u in best_uniform(db, goal, top=3):
+                    stitch.set(u.choice)
+                    acc = entry.evaluate(entry.model)[metric]
+                    if acc > best_u:
+                        best_u, best_v = acc, u.info["variant"]
+                stitch.restore()
+                dp_cells = f"{100 * dp_acc:.1f} ({dp.reduction:.2f}x) | {100 * best_u:.1f} ({best_v})"
+            else:
+                dp_cells = f"unreachable ({why}) | unreachable"
             emit(f"| {g} | {100 * res['rtn']['metrics'][metric]:.1f} | {ft_cells}{100 * res['obc']['metrics'][metric]:.1f} | "
-                 f"{100 * dp_acc:.1f} ({dp.reduction:.2f}x) | {100 * best_u:.1f} ({best_v}) | "
-                 f"{r['path'].reduction:.2f}x | {r['search_seconds']:.2f} | "
+                 f"{dp_cells} | {r['path'].reduction:.2f}x | {r['search_seconds']:.2f} | "
                  f"{res['obc']['seconds']:.1f} | {dp_s:.2f} |" + (f" {ft_s:.1f} |" if ft else ""))
         emit("")
     return 0
