@@ -19,6 +19,7 @@ Rows are appended to --markdown as they finish; the database resumes if the run 
 from __future__ import annotations
 
 import argparse
+import json
 import datetime
 import platform
 import shlex
@@ -46,6 +47,25 @@ def small_space():
     return SearchSpace(tuple(out))
 
 
+def sweep_table(doc, out, correction: str) -> str:
+    """The markdown table of a sweep document (``sweep.json``)."""
+    metric = doc["metric"]
+    # minilm: the embeddings' cosine to the dense ones says more than the fixed classifier's accuracy.
+    extra = [k for k in ("cosine_mean", "cosine_min", "agreement") if k in doc["dense"]]
+    table = [f"dense {metric}: {100 * doc['dense'][metric]:.1f} %; correction: {correction}; sweep and plots in `{out}` "
+             f"(`obcompress report {out}`)\n",
+             "| goal | method | " + metric + " | " + " | ".join(extra) + (" | " if extra else "") +
+             "reached | total layer error | seconds | chosen (uniform) |",
+             "|---" * (7 + len(extra)) + "|"]
+    for r in doc["runs"]:
+        g = r["goal"]
+        cells = "".join(f"{r['metrics'][k]:.4f} | " for k in extra)
+        table.append(f"| {g['cost']['name']} {g['reduction']:g}x | {r['method']} | "
+                     f"{100 * r['metrics'][metric]:.1f} | {cells}{r['reduction']:.2f}x | {r['score']:.4g} | "
+                     f"{r['seconds']:.1f} | {r['info'].get('variant', '')} |")
+    return "\n".join(table)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="efficientnet-lite0,minilm")
@@ -62,6 +82,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--correction", choices=("none", "bn", "statcorr"), default="none",
                     help="run on every evaluated configuration (statcorr: statistics correction toward the dense model)")
     ap.add_argument("--build-only", action="store_true")
+    ap.add_argument("--table", default=None, metavar="SWEEPDIR",
+                    help="only print the table of a sweep written before (its sweep.json), then exit")
     ap.add_argument("--markdown", default=None)
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args(argv)
@@ -71,9 +93,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     from obcompress._cache import cache_dir
     from obcompress.search import default_space
     from obcompress.search.database import build_database
+    from obcompress.search.nonuniform import parse_goal, select_dp
     from obcompress.search.sweep import run_sweep
     from obcompress.zoo.registry import ZOO
 
+    if args.table:
+        doc = json.loads((Path(args.table) / "sweep.json").read_text())
+        print(sweep_table(doc, args.table, doc.get("correction", "none")))
+        return 0
     root = Path(args.db_root) if args.db_root else cache_dir() / "databases"
     space = default_space() if args.space == "default" else small_space()
     goals = [g for g in args.goals.split(",") if g]
@@ -110,21 +137,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         def log(msg):
             print(f"  {msg}", flush=True)
 
-        doc = run_sweep(db, entry.model, entry.calibration, entry.evaluate, goals, out, methods=methods,
+        reachable = []
+        for g in goals:
+            try:
+                select_dp(db, parse_goal(g, **({"activation_bits": args.activation_bits}
+                                               if g.startswith("bops") and args.activation_bits else {})))
+                reachable.append(g)
+            except ValueError as e:  # the space cannot reach it: say so, and sweep the others
+                line = f"{name}: goal {g} skipped: {str(e).split(': ')[-1]}"
+                print(line, flush=True)
+                if md:
+                    with md.open("a") as f:
+                        f.write(f"{line}\n\n")
+        doc = run_sweep(db, entry.model, entry.calibration, entry.evaluate, reachable, out, methods=methods,
                         activation_bits=args.activation_bits or None, spdy_restarts=args.spdy_restarts,
                         spdy_steps=args.spdy_steps, spdy_samples=args.spdy_samples,
                         num_calibration_samples=samples, correction=args.correction, progress=args.progress, log=log)
-        metric = doc["metric"]
-        table = [f"dense {metric}: {100 * doc['dense'][metric]:.1f} %; correction: {args.correction}; sweep and plots in `{out}` "
-                 f"(`obcompress report {out}`)\n",
-                 "| goal | method | " + metric + " | reached | total layer error | seconds | chosen (uniform) |",
-                 "|---|---|---|---|---|---|---|"]
-        for r in doc["runs"]:
-            g = r["goal"]
-            table.append(f"| {g['cost']['name']} {g['reduction']:g}x | {r['method']} | "
-                         f"{100 * r['metrics'][metric]:.1f} | {r['reduction']:.2f}x | {r['score']:.4g} | "
-                         f"{r['seconds']:.1f} | {r['info'].get('variant', '')} |")
-        text = "\n".join(table)
+        text = sweep_table(doc, out, args.correction)
         print(text, flush=True)
         if md:
             with md.open("a") as f:
