@@ -242,8 +242,10 @@ def collect_hessians(model: nn.Module, layers: Dict[str, LayerInfo], batches: It
     calibration mode). ``stop_early``: the first batch runs the whole model and counts the calls
     of each hooked layer; every later batch stops as soon as those calls are done (a layer early
     in the network then costs a fraction of a forward pass). This assumes that the number of
-    calls of a layer per batch does not depend on the data; a batch that ends with fewer calls is
-    an error, never a silently thinner Hessian. The train/eval flag of every submodule is restored.
+    calls of a layer per batch does not depend on the data (true of feed-forward CNNs and
+    transformers): a batch that ends with fewer calls is an error; one that would call a layer more
+    often than the first batch cannot be told apart, so leave ``stop_early`` off for models with
+    data-dependent control flow. The train/eval flag of every submodule is restored.
     """
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
