@@ -49,6 +49,13 @@ SCOPES = ("pw", "all", "pwfc")
 SCOPE_LABEL = {"pw": "pw only", "all": "all layers", "pwfc": "pw only, fc 8-bit"}
 
 _Q4 = {"num_bits": 4}
+
+
+def _corrected(solver: str, extra: Dict[str, Any]) -> Dict[str, Any]:
+    """A 4-bit recipe of ``solver`` with statistics correction and ``extra`` keys on top."""
+    return {"solver": solver, "quantization": _Q4, "corrections": {"statistics_correction": True}, **extra}
+
+
 # id -> (label, recipe without scope overrides, models it applies to; None = all)
 RECIPES: Dict[str, Any] = {
     "dense": ("dense fp32", None, None),
@@ -56,33 +63,17 @@ RECIPES: Dict[str, Any] = {
     "obq4": ("OBQ 4-bit", {"solver": "exact", "quantization": _Q4}, None),
     "gptq4": ("GPTQ 4-bit", {"solver": "gptq", "quantization": _Q4}, None),
     "best4": ("best of OBQ / GPTQ act-order 4-bit", {"solver": "best", "quantization": _Q4}, None),
-    "best4+statcorr": ("best 4-bit + stat. corr.", {"solver": "best", "quantization": _Q4,
-                                                     "corrections": {"statistics_correction": True}}, None),
-    "obq4+statcorr": ("OBQ 4-bit + stat. corr.", {"solver": "exact", "quantization": _Q4,
-                                                   "corrections": {"statistics_correction": True}}, None),
+    "best4+statcorr": ("best 4-bit + stat. corr.", _corrected("best", {}), None),
+    "obq4+statcorr": ("OBQ 4-bit + stat. corr.", _corrected("exact", {}), None),
     "best4-seq": ("best 4-bit, sequential calibration", {"solver": "best", "quantization": _Q4,
                                                          "calibration": "sequential"}, None),
-    "best4-seq+statcorr": ("best 4-bit, sequential calibration + stat. corr.",
-                           {"solver": "best", "quantization": _Q4, "calibration": "sequential",
-                            "corrections": {"statistics_correction": True}}, None),
-    "obq4-seq+statcorr": ("OBQ 4-bit, sequential calibration + stat. corr.",
-                          {"solver": "exact", "quantization": _Q4, "calibration": "sequential",
-                           "corrections": {"statistics_correction": True}}, None),
-    "obq4mse+statcorr": ("OBQ 4-bit, MSE-clipped grid + stat. corr.",
-                         {"solver": "exact", "quantization": {**_Q4, "mse": True},
-                          "corrections": {"statistics_correction": True}}, None),
-    "best4mse+statcorr": ("best 4-bit, MSE-clipped grid + stat. corr.",
-                          {"solver": "best", "quantization": {**_Q4, "mse": True},
-                           "corrections": {"statistics_correction": True}}, None),
-    "obq4asym+statcorr": ("OBQ 4-bit, asymmetric grid + stat. corr.",
-                          {"solver": "exact", "quantization": {**_Q4, "symmetric": False},
-                           "corrections": {"statistics_correction": True}}, None),
-    "best4asym+statcorr": ("best 4-bit, asymmetric grid + stat. corr.",
-                           {"solver": "best", "quantization": {**_Q4, "symmetric": False},
-                            "corrections": {"statistics_correction": True}}, None),
-    "obq4g64+statcorr": ("OBQ 4-bit, a scale per 64 columns + stat. corr.",
-                         {"solver": "exact", "quantization": {**_Q4, "strategy": "group", "group_size": 64},
-                          "corrections": {"statistics_correction": True}}, None),
+    **{f"{sid}4{tag}+statcorr": (f"{name} 4-bit, {what} + stat. corr.", _corrected(solver, extra), None)
+       for sid, solver, name in (("obq", "exact", "OBQ"), ("best", "best", "best"))
+       for tag, what, extra in (
+           ("-seq", "sequential calibration", {"calibration": "sequential"}),
+           ("mse", "MSE-clipped grid", {"quantization": {**_Q4, "mse": True}}),
+           ("asym", "asymmetric grid", {"quantization": {**_Q4, "symmetric": False}}),
+           ("g64", "a scale per 64 columns", {"quantization": {**_Q4, "strategy": "group", "group_size": 64}}))},
     "gptq4-act": ("GPTQ 4-bit act-order", {"solver": "gptq", "quantization": {**_Q4, "act_order": True}}, None),
     "mag50": ("magnitude 50%", {"solver": "magnitude", "sparsity": {"sparsity": 0.5}}, None),
     "obs50": ("ExactOBS 50%", {"solver": "exact", "sparsity": {"sparsity": 0.5}}, None),
