@@ -359,11 +359,13 @@ def _search(args, parser) -> int:
     if args.search_command == "select":
         from obcompress.search.nonuniform import best_uniform, parse_goal, select_dp, spdy
         from obcompress.model.calibration import calibration_batches
-        from obcompress.search.sweep import RECIPE_CORRECTIONS, _correction, attach_recipe_activations
+        from obcompress.search.sweep import RECIPE_CORRECTIONS, _correction, as_recipe_runs
 
         goal = parse_goal(args.goal, **({"activation_bits": act} if args.goal.strip().startswith("bops") and act else {}))
         batches = calibration_batches(entry.calibration, args.calibration_samples)
-        fix = _correction(args.correction, batches, entry.model)  # the model is still dense here
+        # Dense statistics (statcorr) only where a candidate is corrected; the model is still dense here.
+        need = args.eval or args.method == "spdy"
+        fix = _correction(args.correction if need else "none", batches, entry.model)
         if args.method == "uniform":
             cfg = best_uniform(db, goal)[0]
         elif args.method == "spdy":
@@ -385,12 +387,7 @@ def _search(args, parser) -> int:
         if args.eval:
             m = entry.model
             db.apply(m, cfg.choice)
-            # Evaluated as `compress` runs the recipe: re-estimation, input quantizers, correction.
-            if fix is not None and args.correction == "bn":
-                fix(m)
-            attach_recipe_activations(m, recipe, batches)
-            if fix is not None and args.correction == "statcorr":
-                fix(m)
+            as_recipe_runs(m, recipe, batches, args.correction, fix)  # as `compress` runs the recipe
             _print_metrics("dense", entry.evaluate(_resolve(args.model, args.calibration_samples).model))
             _print_metrics("selected", entry.evaluate(m))
         return 0

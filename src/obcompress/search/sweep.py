@@ -26,7 +26,7 @@ from ..model.layers import find_layers
 from .database import Database
 from .nonuniform import Configuration, Goal, _Stitcher, best_uniform, parse_goal, select_dp, spdy
 
-__all__ = ["METHODS", "attach_recipe_activations", "run_sweep", "main_metric", "write_sweep_plots", "SWEEP_FILE"]
+__all__ = ["METHODS", "as_recipe_runs", "attach_recipe_activations", "run_sweep", "main_metric", "write_sweep_plots", "SWEEP_FILE"]
 
 METHODS = ("uniform", "dp", "spdy")
 SWEEP_FILE = "sweep.json"
@@ -78,6 +78,19 @@ def attach_recipe_activations(model: nn.Module, recipe: Mapping[str, Any], batch
     return attach(model, layers, calibrate_activation_quantizers(model, layers, schemes, batches))
 
 
+def as_recipe_runs(model: nn.Module, recipe: Mapping[str, Any], batches, correction: str,
+                   fix: Optional[Callable[[nn.Module], None]]) -> Optional[ActivationHooks]:
+    """Bring a model holding a configuration's weights to what ``compress`` makes of its recipe:
+    BatchNorm re-estimation, then the input quantizers (returned; the caller removes them), then
+    statistics correction. ``fix`` is ``_correction(correction, ...)``."""
+    if fix is not None and correction == "bn":
+        fix(model)
+    hooks = attach_recipe_activations(model, recipe, batches)
+    if fix is not None and correction == "statcorr":
+        fix(model)
+    return hooks
+
+
 def run_sweep(db: Database, model: nn.Module, data: Iterable, evaluate: Callable[[nn.Module], Dict[str, float]],
               goals: Sequence[Union[str, Goal]], out_dir: Union[str, os.PathLike], *,
               methods: Sequence[str] = METHODS, activation_bits: Optional[int] = 8, buckets: int = 10000,
@@ -107,16 +120,11 @@ def run_sweep(db: Database, model: nn.Module, data: Iterable, evaluate: Callable
     norm_state = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in correctable_norms(model).items()}
 
     def measure(cfg: Configuration, recipe: Mapping[str, Any]) -> Dict[str, float]:
-        # As `compress` runs the recipe: BatchNorm re-estimation, then the activation quantizers
-        # (the BOPs cost counts activation_bits), then statistics correction with them in place.
+        # As `compress` runs the recipe (the BOPs cost counts the input quantizers' activation_bits).
         stitch.set(cfg.choice)
         hooks = None
         try:
-            if fix is not None and correction == "bn":
-                fix(model)
-            hooks = attach_recipe_activations(model, recipe, batches)
-            if fix is not None and correction == "statcorr":
-                fix(model)
+            hooks = as_recipe_runs(model, recipe, batches, correction, fix)
             return evaluate(model)
         finally:
             if hooks is not None:
