@@ -266,6 +266,21 @@ def _layers_from_artifact(model: nn.Module, directory) -> Tuple[Dict[str, _Layer
     return layers, quantizers
 
 
+def _copies(protos) -> list:
+    """Detached copies of protobuf messages, to outlive the repeated field they came from."""
+    out = []
+    for p in protos:
+        c = type(p)()
+        c.CopyFrom(p)
+        out.append(c)
+    return out
+
+
+def _replace(field, items) -> None:
+    del field[:]
+    field.extend(items)
+
+
 def _check_columns(layer: _Layer, col: torch.Tensor) -> None:
     """The grid's column groups must be runs of consecutive columns, which is all DequantizeLinear has."""
     C = layer.info.cols
@@ -581,8 +596,6 @@ def _add_input_quantizer(g: _Graph, layer: _Layer, node, input_index: int, q: Ac
 
 def _rewrite(model_proto, layers: Dict[str, _Layer], quantizers: Dict[str, ActivationQuantizer], fmt: str,
              opset: int, activations: bool) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, Dict[str, Any]]]:
-    import onnx
-
     g = _Graph(model_proto)
     report: Dict[str, Dict[str, Any]] = {}
     act_layers = set(quantizers) if activations else set()
@@ -623,19 +636,10 @@ def _rewrite(model_proto, layers: Dict[str, _Layer], quantizers: Dict[str, Activ
         if id(n) in g.removed:
             continue
         nodes.extend(g.before.get(id(n), []))
-        copy = onnx.NodeProto()
-        copy.CopyFrom(n)  # the originals go with the old node list
-        nodes.append(copy)
-    keep = []
-    for t in g.graph.initializer:
-        if t.name not in g.drop_inits:
-            copy = onnx.TensorProto()
-            copy.CopyFrom(t)
-            keep.append(copy)
-    del g.graph.node[:]
-    g.graph.node.extend(nodes)
-    del g.graph.initializer[:]
-    g.graph.initializer.extend(keep + g.new_inits)
+        nodes.extend(_copies([n]))  # the originals go with the old node list
+    keep = _copies(t for t in g.graph.initializer if t.name not in g.drop_inits)
+    _replace(g.graph.node, nodes)
+    _replace(g.graph.initializer, keep + g.new_inits)
     return report, g.weight_dq
 
 
@@ -897,8 +901,6 @@ def _fold_for_integer_kernels(model_proto, layers: Dict[str, _Layer], weight_dq:
     """The exact rewrites above, for every conv with a quantized weight; returns (what was folded or
     inserted per layer, the layers whose Conv now reads dequantized input and weight and feeds one
     QuantizeLinear: the pattern onnxruntime runs as QLinearConv)."""
-    import onnx
-
     g = _Graph(model_proto)
     outputs = {o.name for o in g.graph.output}
     producers = {o: n for n in g.nodes for o in n.output}
@@ -932,8 +934,7 @@ def _fold_for_integer_kernels(model_proto, layers: Dict[str, _Layer], weight_dq:
     for n in g.nodes:
         if id(n) in g.removed:
             continue
-        copies[id(n)] = onnx.NodeProto()
-        copies[id(n)].CopyFrom(n)  # the originals go with the old node list
+        copies[id(n)], = _copies([n])  # the originals go with the old node list
         nodes.append(copies[id(n)])
         nodes.extend(after.get(id(n), []))
     made = {o: n for n in nodes for o in n.output}
@@ -951,24 +952,12 @@ def _fold_for_integer_kernels(model_proto, layers: Dict[str, _Layer], weight_dq:
         if data is not None and weight is not None and data.op_type == weight.op_type == "DequantizeLinear" \
                 and len(out) == 1 and out[0].op_type == "QuantizeLinear" and c.output[0] not in outputs:
             ready.append(name)
-    inits = []
-    for t in list(g.graph.initializer) + g.new_inits:
-        if t.name in readers or t.name in outputs:
-            copy = onnx.TensorProto()
-            copy.CopyFrom(t)
-            inits.append(copy)
-    infos = []
-    for v in g.graph.value_info:
-        if v.name in made:  # shapes of values that the rewrite removed would describe nothing
-            copy = onnx.ValueInfoProto()
-            copy.CopyFrom(v)
-            infos.append(copy)
-    del g.graph.node[:]
-    g.graph.node.extend(nodes)
-    del g.graph.initializer[:]
-    g.graph.initializer.extend(inits)
-    del g.graph.value_info[:]
-    g.graph.value_info.extend(infos)
+    inits = _copies(t for t in list(g.graph.initializer) + g.new_inits if t.name in readers or t.name in outputs)
+    # Shapes of values that the rewrite removed would describe nothing.
+    infos = _copies(v for v in g.graph.value_info if v.name in made)
+    _replace(g.graph.node, nodes)
+    _replace(g.graph.initializer, inits)
+    _replace(g.graph.value_info, infos)
     return {k: v for k, v in folded.items() if v}, ready
 
 

@@ -226,6 +226,12 @@ def embed(
     return out
 
 
+def _training_pool(reviews: Reviews) -> List[Tuple[str, int]]:
+    """(text, label) of the training reviews that are not also test reviews, in order."""
+    test = set(reviews.test_texts)
+    return [(t, int(y)) for t, y in zip(reviews.train_texts, reviews.train_labels.tolist()) if t not in test]
+
+
 def calibration_batches(n: int = 128, batch_size: int = 1, max_length: int = MAX_LENGTH, tokenizer=None,
                         reviews: Optional[Reviews] = None) -> List[Dict[str, torch.Tensor]]:
     """Model keyword arguments for the first ``n`` training reviews (never test reviews).
@@ -236,8 +242,7 @@ def calibration_batches(n: int = 128, batch_size: int = 1, max_length: int = MAX
     embedding.
     """
     reviews = reviews if reviews is not None else load_reviews()
-    test = set(reviews.test_texts)
-    pool = [t for t in reviews.train_texts if t not in test]
+    pool = [t for t, _ in _training_pool(reviews)]
     total = len(pool)
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= total:
         raise ValueError(f"n must be an integer in 1..{total} (the training reviews), got {n!r}")
@@ -254,8 +259,7 @@ def labelled_calibration_batches(n: int = 128, batch_size: int = 1, max_length: 
     """``(model kwargs, labels)`` for the same training reviews as ``calibration_batches`` (labels
     1 = great): the labelled data a Fisher needs, through ``SentimentClassifier``."""
     reviews = reviews if reviews is not None else load_reviews()
-    test = set(reviews.test_texts)
-    labels = [int(y) for t, y in zip(reviews.train_texts, reviews.train_labels.tolist()) if t not in test]
+    labels = [y for _, y in _training_pool(reviews)]
     batches = calibration_batches(n, batch_size, max_length, tokenizer, reviews)
     out, start = [], 0
     for b in batches:
