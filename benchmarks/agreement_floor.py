@@ -7,6 +7,7 @@ top-1 where it was, which photos change and at what margin: the floor under the 
 
 Usage:
     python benchmarks/agreement_floor.py --threads 2
+    python benchmarks/agreement_floor.py --recipes obq4-pw,obq4-pw+statcorr,obq4asym-pw+statcorr
 """
 
 from __future__ import annotations
@@ -31,13 +32,22 @@ RECIPES = {
 KEPT = ["re:_conv_stem|_blocks\\.\\d+\\._depthwise_conv"]
 for _rid in ("rtn8", "obq8", "obq8+statcorr"):
     RECIPES[_rid.replace("8", "8-kept", 1)] = {**RECIPES[_rid], "targets": KEPT}
+# 4-bit on benchmarks/models.py's "pw" scope (stem + depthwise exact OBQ 8-bit, the rest 4-bit):
+# which photos the issue's 4-bit models change, and how close their dense top-2 was.
+_PW = {"layers": {KEPT[0]: {"solver": "exact", "sparsity": None, "quantization": {"num_bits": 8}}}}
+_STATCORR = {"corrections": {"statistics_correction": True}}
+RECIPES["obq4-pw"] = {"solver": "exact", "quantization": {"num_bits": 4}, **_PW}
+RECIPES["obq4-pw+statcorr"] = {**RECIPES["obq4-pw"], **_STATCORR}
+RECIPES["obq4asym-pw+statcorr"] = {**RECIPES["obq4-pw+statcorr"], "quantization": {"num_bits": 4, "symmetric": False}}
 DEFAULT = ("rtn8", "obq8", "obq8+statcorr", "obq6+statcorr")
+CONFIDENT = 0.05  # photos whose dense top-1 leads top-2 by at least this much probability
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--recipes", default=",".join(DEFAULT),
-                    help=f"comma list of {', '.join(RECIPES)} (all layers; *-kept: stem and depthwise only)")
+                    help=f"comma list of {', '.join(RECIPES)} (all layers; *-kept: stem and depthwise only; "
+                         "*-pw: the 4-bit pw scope)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
     if args.threads:
@@ -55,8 +65,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     dense_top1 = p.argmax(1)
     print(f"dense: {len(margin)} photos; top-1 minus top-2 probability below 0.05 / 0.10 / 0.20: "
           f"{int((margin < 0.05).sum())} / {int((margin < 0.1).sum())} / {int((margin < 0.2).sum())}")
-    print("| recipe | top1 | agree | photos changed | their dense margins | seconds |")
-    print("|---|---|---|---|---|---|")
+    confident = margin >= CONFIDENT
+    print(f"| recipe | top1 | agree | agree, {int(confident.sum())} photos of margin >= {CONFIDENT} | photos changed "
+          "| their dense margins | seconds |")
+    print("|---|---|---|---|---|---|---|")
     pristine = copy.deepcopy(entry.model)
     for rid in [r for r in args.recipes.split(",") if r]:
         m = copy.deepcopy(pristine)
@@ -66,7 +78,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             changed = E.logits(m, data.images).argmax(1) != dense_top1
         metrics = entry.evaluate(m)
         margins = ", ".join(f"{float(x):.3f}" for x in sorted(margin[changed].tolist()))
-        print(f"| {rid} | {100 * metrics['top1']:.1f} | {100 * metrics['agreement']:.1f} | {int(changed.sum())} | "
+        kept_confident = 100 * (1 - changed[confident].float().mean().item())
+        print(f"| {rid} | {100 * metrics['top1']:.1f} | {100 * metrics['agreement']:.1f} | {kept_confident:.1f} | "
+              f"{int(changed.sum())} | "
               f"{margins} | {time.perf_counter() - t0:.0f} |", flush=True)
     return 0
 
