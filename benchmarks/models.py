@@ -77,7 +77,9 @@ RECIPES: Dict[str, Any] = {
     # GPTQ's 1 % dampening for OBQ: the default "auto" starts at 0 (the OBC reference), which lets the
     # greedy order lean on directions the calibration tokens barely excite (cond H up to 7.8e8 on minilm).
     "obq4-damp1": ("OBQ 4-bit, 1 % dampening", {"solver": "exact", "quantization": _Q4, "damp": 0.01}, None),
-    "obq4asym": ("OBQ 4-bit, asymmetric grid", {"solver": "exact", "quantization": {**_Q4, "symmetric": False}}, None),
+    **{f"{sid}4asym": (f"{name} 4-bit, asymmetric grid", {"solver": solver, "quantization": {**_Q4, "symmetric": False}},
+                       None)
+       for sid, solver, name in (("obq", "exact", "OBQ"), ("gptq", "gptq", "GPTQ"), ("best", "best", "best"))},
     "gptq4-act": ("GPTQ 4-bit act-order", {"solver": "gptq", "quantization": {**_Q4, "act_order": True}}, None),
     "mag50": ("magnitude 50%", {"solver": "magnitude", "sparsity": {"sparsity": 0.5}}, None),
     "obs50": ("ExactOBS 50%", {"solver": "exact", "sparsity": {"sparsity": 0.5}}, None),
