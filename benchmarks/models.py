@@ -214,6 +214,50 @@ def run_one(model_name: str, recipe_id: str, scope: str, pristine: torch.nn.Modu
     return row
 
 
+def natural_photo_crops(n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` random crops (a quarter to all of the area, aspect 3/4..4/3, half mirrored) of the natural
+    photos bundled with scikit-image and scikit-learn, as efficientnet-lite0 inputs (N, 3, 224, 224).
+
+    REFERENCE.md: calibration data must resemble the deployment data, and many calibration stamps are
+    drawings. These photos are none of the 132 evaluation photos.
+    """
+    import numpy as np
+    from PIL import Image
+
+    try:
+        import skimage.data as sd
+    except ImportError:
+        raise SystemExit("--photo-crops needs scikit-image (pip install scikit-image)") from None
+    from sklearn.datasets import load_sample_images
+
+    from obcompress.zoo.efficientnet import IMAGE_SIZE, normalize
+
+    photos = [getattr(sd, name)() for name in ("astronaut", "chelsea", "coffee", "rocket")]
+    photos += list(load_sample_images().images)
+    photos.append(np.repeat(sd.camera()[:, :, None], 3, axis=2))
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        img = photos[i % len(photos)]
+        H, W = img.shape[:2]
+        area = H * W * rng.uniform(0.25, 1.0)
+        aspect = float(np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3))))
+        h, w = min(H, round((area / aspect) ** 0.5)), min(W, round((area * aspect) ** 0.5))
+        y, x = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
+        crop = np.asarray(Image.fromarray(img[y:y + h, x:x + w]).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC))
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        out.append(torch.from_numpy(crop.copy()).permute(2, 0, 1))
+    return normalize(torch.stack(out))
+
+
+def with_photo_crops(entry, n: int, batch_size: int = 32):
+    """``entry`` whose calibration batches are its stamps and ``n`` natural-photo crops, shuffled together."""
+    images = torch.cat([torch.cat(list(entry.calibration)), natural_photo_crops(n)])
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    return entry._replace(calibration=list(images[order].split(batch_size)))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
@@ -224,6 +268,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--calibration-samples", type=int, default=None,
                     help="calibration samples (default: the zoo's, 256 images / 128 reviews)")
+    ap.add_argument("--photo-crops", type=int, default=0,
+                    help="efficientnet-lite0: add this many crops of bundled natural photos to the calibration stamps")
     ap.add_argument("--markdown", default=None, help="append the table to this file, one row per finished run")
     ap.add_argument("--progress", action="store_true", help="tqdm progress over layers")
     args = ap.parse_args(argv)
@@ -255,7 +301,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         options = {} if args.calibration_samples is None else {"num_calibration": args.calibration_samples}
         t0 = time.perf_counter()
         entry = resolve(model_name, **options)
-        samples = args.calibration_samples or sum(count_samples(b) for b in entry.calibration)
+        if args.photo_crops and model_name == "efficientnet-lite0":
+            entry = with_photo_crops(entry, args.photo_crops)
+        samples = sum(count_samples(b) for b in entry.calibration)
         # The entry's evaluate caches the dense reference; its model is kept dense and copied per run.
         pristine = entry.model
         print(f"[{model_name}: loaded in {time.perf_counter() - t0:.1f} s, {samples} calibration samples]",
