@@ -4,6 +4,8 @@ Agreement with the dense model's top-1 counts every photo whose prediction chang
 dense top-1 and top-2 probabilities are nearly equal changes under any perturbation. This prints
 the dense margins (top-1 minus top-2 probability) and, for 8-bit and 6-bit compressions that keep
 top-1 where it was, which photos change and at what margin: the floor under the agreement metric.
+The ``*-pw`` recipes do the same for the 4-bit models of benchmarks/models.py's pw scope, and every
+row also gives the agreement over the photos that are not near-ties (margin >= 0.05).
 
 Usage:
     python benchmarks/agreement_floor.py --threads 2
