@@ -21,6 +21,7 @@ import time
 from typing import List, Optional
 
 import torch
+from models import EFFNET_KEPT, build_recipe
 
 RECIPES = {
     "rtn8": {"solver": "rtn", "quantization": {"num_bits": 8}},
@@ -31,16 +32,12 @@ RECIPES = {
                       "corrections": {"statistics_correction": True}},
 }
 # The same, on just the layers benchmarks/models.py's "pw" scope keeps at 8 bits (stem + depthwise).
-KEPT = ["re:_conv_stem|_blocks\\.\\d+\\._depthwise_conv"]
+KEPT = [EFFNET_KEPT]
 for _rid in ("rtn8", "obq8", "obq8+statcorr"):
     RECIPES[_rid.replace("8", "8-kept", 1)] = {**RECIPES[_rid], "targets": KEPT}
-# 4-bit on benchmarks/models.py's "pw" scope (stem + depthwise exact OBQ 8-bit, the rest 4-bit):
-# which photos the 4-bit models change, and how close their dense top-2 was.
-_PW = {"layers": {KEPT[0]: {"solver": "exact", "sparsity": None, "quantization": {"num_bits": 8}}}}
-_STATCORR = {"corrections": {"statistics_correction": True}}
-RECIPES["obq4-pw"] = {"solver": "exact", "quantization": {"num_bits": 4}, **_PW}
-RECIPES["obq4-pw+statcorr"] = {**RECIPES["obq4-pw"], **_STATCORR}
-RECIPES["obq4asym-pw+statcorr"] = {**RECIPES["obq4-pw+statcorr"], "quantization": {"num_bits": 4, "symmetric": False}}
+# 4-bit models exactly as benchmarks/models.py builds them on its "pw" scope (stem + depthwise exact
+# OBQ 8-bit, the rest 4-bit): which photos they change, and how close their dense top-2 was.
+PW_RECIPES = {"obq4-pw": "obq4", "obq4-pw+statcorr": "obq4+statcorr", "obq4asym-pw+statcorr": "obq4asym+statcorr"}
 DEFAULT = ("rtn8", "obq8", "obq8+statcorr", "obq6+statcorr")
 CONFIDENT = 0.05  # photos whose dense top-1 leads top-2 by at least this much probability
 
@@ -48,10 +45,14 @@ CONFIDENT = 0.05  # photos whose dense top-1 leads top-2 by at least this much p
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--recipes", default=",".join(DEFAULT),
-                    help=f"comma list of {', '.join(RECIPES)} (all layers; *-kept: stem and depthwise only; "
+                    help=f"comma list of {', '.join([*RECIPES, *PW_RECIPES])} (all layers; *-kept: stem and depthwise only; "
                          "*-pw: the 4-bit pw scope)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
+    recipes = [r for r in args.recipes.split(",") if r]
+    unknown = [r for r in recipes if r not in RECIPES and r not in PW_RECIPES]
+    if unknown:
+        ap.error(f"unknown recipe(s) {unknown}")
     if args.threads:
         torch.set_num_threads(args.threads)
     from obcompress.api import compress
@@ -72,10 +73,11 @@ def main(argv: Optional[List[str]] = None) -> int:
           "| their dense margins | seconds |")
     print("|---|---|---|---|---|---|---|")
     pristine = copy.deepcopy(entry.model)
-    for rid in [r for r in args.recipes.split(",") if r]:
+    for rid in recipes:
         m = copy.deepcopy(pristine)
         t0 = time.perf_counter()
-        compress(m, RECIPES[rid], entry.calibration, num_calibration_samples=256, progress=False)
+        recipe = RECIPES[rid] if rid in RECIPES else build_recipe("efficientnet-lite0", PW_RECIPES[rid], "pw", m)
+        compress(m, recipe, entry.calibration, num_calibration_samples=256, progress=False)
         with torch.no_grad():
             changed = E.logits(m, data.images).argmax(1) != dense_top1
         metrics = entry.evaluate(m)

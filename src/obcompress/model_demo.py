@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, TextIO
 
-
 from .api import compress
 
 # The recipes of the demo, in the order they are printed.
