@@ -103,3 +103,13 @@ def correlated_problem(rows, cols, seed=0, n=None, dtype=torch.float64):
     H = 2 * X.T @ X / n
     W = torch.randn(rows, cols, generator=g, dtype=dtype)
     return W, H
+
+
+def spectrum_problem(rows, cols, exponent, seed=0):
+    """H = Q diag(logspace(0, -exponent, cols)) Q^T with Q a random orthogonal matrix: a Hessian of
+    condition number 10^exponent (float64), and a standard normal W (float32)."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(cols, cols, generator=g, dtype=torch.float64))
+    H = Q @ torch.diag(torch.logspace(0, -exponent, cols, dtype=torch.float64)) @ Q.T
+    W = torch.randn(rows, cols, generator=g)
+    return W, 0.5 * (H + H.T)

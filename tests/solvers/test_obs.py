@@ -6,7 +6,7 @@ import torch
 from obcompress.solvers._common import layer_loss, num_pruned
 from obcompress.solvers._elimination import refit_on_support
 from obcompress.solvers.obs import exact_obs_database, exact_obs_prune
-from reference_obs import block_row, correlated_problem, obs_row, prune_chooser
+from reference_obs import block_row, correlated_problem, obs_row, prune_chooser, spectrum_problem
 
 # Columns above the flush interval (32) and enough eliminations to trigger compaction, so the
 # delayed updates and the compaction are both exercised against the reference.
@@ -252,3 +252,30 @@ def test_chunks_on_several_threads_give_the_same_result(monkeypatch):
     assert torch.equal(one.order, many.order)
     torch.testing.assert_close(one.losses, many.losses)
     assert torch.equal(blocks.order, exact_obs_database(W, H, mask_structure="block:4", damp=0).order)
+
+
+@pytest.mark.parametrize("exponent", [4, 8, 10, 12, 14])
+@pytest.mark.parametrize("structure", ["unstructured", "2:4", "block:4"])
+def test_ill_conditioned_hessian_matches_the_float64_loop(exponent, structure):
+    # cond(H) = 10^exponent. N:M kept the float32 loop's own final weights, 18-70x off at 1e12.
+    W, H = spectrum_problem(8, 48, exponent, seed=exponent)
+    sparsity = None if structure == "2:4" else 0.5
+    r = exact_obs_prune(W, H, sparsity, structure)
+    ref = exact_obs_prune(W, H, sparsity, structure, damp=r.damp, dtype=torch.float64)
+    assert r.loss == pytest.approx(ref.loss, rel=2e-2)
+
+
+def test_nm_rows_that_drift_in_a_forced_float32_loop_are_refitted():
+    W, H = spectrum_problem(8, 48, 12, seed=3)
+    r = exact_obs_prune(W, H, mask_structure="2:4", damp=0, dtype=torch.float32)
+    ref = exact_obs_prune(W, H, mask_structure="2:4", damp=0, dtype=torch.float64)
+    assert r.info["refit_rows"] > 0
+    assert r.loss == pytest.approx(ref.loss, rel=5e-2)
+    # The weights are the least-squares optimum on the mask, from its definition per row:
+    # w_S = w0_S + H_SS^-1 H_SP w0_P.
+    best = torch.zeros(8, 48, dtype=torch.float64)
+    for i in range(8):
+        S, P = r.mask[i].nonzero().flatten(), (~r.mask[i]).nonzero().flatten()
+        w0 = W[i].double()
+        best[i, S] = w0[S] + torch.linalg.solve(H[S][:, S], H[S][:, P] @ w0[P])
+    assert r.loss == pytest.approx(layer_loss(W, best, H), rel=1e-6)

@@ -16,8 +16,8 @@ import torch
 # Relative dampening levels tried, in order, when a solver is called with damp="auto".
 # Zero comes first because it is the OBC reference's setting; the rest rescue rank-deficient H.
 AUTO_DAMP_LEVELS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-# "auto" also rejects a factor whose squared pivot ratio exceeds this: the greedy loop runs in
-# float32 and an H^-1 with a larger spread loses all its digits there.
+# "auto" also rejects a factor whose squared pivot ratio exceeds this: beyond it even the float64
+# loop (chosen by ``loop_dtype`` for such H) keeps too few digits of H^-1.
 AUTO_MAX_PIVOT_RATIO2 = 1e10
 # When H itself is singular (fewer independent calibration samples than inputs), "auto" starts
 # here: the greedy solvers may move weights freely along the directions H does not see, and a
@@ -52,6 +52,12 @@ class SolverResult:
         return 1.0 - self.mask.float().mean().item()
 
 
+def row_losses(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """Each row's share 1/2 (w - w_hat) H (w - w_hat)^T of the layer objective, float64 (rows,)."""
+    D = W.to(torch.float64) - W_hat.to(device=W.device, dtype=torch.float64)
+    return 0.5 * ((D @ H.to(device=D.device, dtype=torch.float64)) * D).sum(1)
+
+
 def layer_loss(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
     """The layer objective 1/2 tr((W - W_hat) H (W - W_hat)^T), accumulated in float64."""
     if W.shape != W_hat.shape:
@@ -61,6 +67,52 @@ def layer_loss(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
     D = (W.to(torch.float64) - W_hat.to(torch.float64))
     H = H.to(device=D.device, dtype=torch.float64)
     return 0.5 * float(((D @ H) * D).sum())
+
+
+# Precision of the greedy loop. Each step subtracts u_j^2 from the H^-1 diagonal, which falls from
+# Hinv_pp (the start) towards 1/H_pp (p the last coordinate left): the loop loses about
+# log10(Hinv_pp * H_pp) of its digits there ("diagonal growth", max over p; 1 for a diagonal H).
+# float32 holds 7 digits. Measured on H = Q diag(logspace(0, -k, n)) Q^T, n = 64 and 256
+# (benchmarks/RESULTS.md, "OBQ on ill-conditioned Hessians"): OBQ, whose frozen values come out
+# of the loop, matched its float64 loop while growth <= 1e5 (minilm's FFN: 1.8e5, 3 % worse),
+# mis-predicted its own loss by 1-15 % at 1e6 and fell apart (100-2000x RTN's loss) from 5e6.
+# ExactOBS only ranks weights in the loop and re-fits them in float64, and stayed within 1 % up
+# to growth 1e7.
+FLOAT32_MAX_GROWTH_VALUES = 1e5
+FLOAT32_MAX_GROWTH_ORDER = 1e7
+# A row whose loss, measured in float64 against the H the loop used, differs from the sum of the
+# loop's own step losses by more than this (relative) has drifted and is solved again in float64.
+DRIFT_TOLERANCE = 1e-2
+
+
+def diagonal_growth(H: torch.Tensor, Hinv: torch.Tensor) -> float:
+    """max_p Hinv_pp * H_pp: how far the greedy loop cancels the H^-1 diagonal (see above)."""
+    return float((torch.diagonal(Hinv) * torch.diagonal(H)).max())
+
+
+def loop_dtype(dtype, prep: "PreparedLayer", max_growth: float) -> torch.dtype:
+    """The greedy loop's precision: ``dtype`` as given, or for "auto" float32 unless the diagonal
+    growth of the prepared H exceeds ``max_growth``, float64 then."""
+    if isinstance(dtype, str) and dtype == "auto":
+        if prep.Hinv is None or diagonal_growth(prep.H, prep.Hinv) <= max_growth:
+            return torch.float32
+        return torch.float64
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be 'auto', torch.float32 or torch.float64, got {dtype!r}")
+    return dtype
+
+
+def drifted_rows(W0: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+    """Rows whose measured loss (float64, w.r.t. the H the loop used) disagrees with the loop's
+    own prediction by more than ``DRIFT_TOLERANCE``: exact arithmetic makes the two equal."""
+    measured = row_losses(W0, W_hat, H)
+    predicted = predicted.to(device=measured.device, dtype=torch.float64)
+    # A row that starts (nearly) on target has loss ~0 either way: an absolute floor at the row's
+    # energy times float64 precision keeps such rows from counting as drift.
+    floor = 1e-12 * row_losses(W0, torch.zeros_like(W0), H)
+    gap = (measured - predicted).abs()
+    bad = gap > DRIFT_TOLERANCE * torch.maximum(measured, predicted) + floor
+    return bad | ~torch.isfinite(predicted)
 
 
 def check_weight(W: torch.Tensor) -> None:

@@ -9,17 +9,20 @@ it keeps, which gives exactly the weights the greedy path had at that point.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 from ._common import (
+    FLOAT32_MAX_GROWTH_ORDER,
     MaskStructure,
     SolverResult,
     check_sparsity,
     columns_last_perm,
+    drifted_rows,
     layer_loss,
+    loop_dtype,
     num_pruned,
     parse_mask_structure,
     prepare_layer,
@@ -48,6 +51,8 @@ class ObsDatabase:
     # N:M: the row weights at the end of the run (it stops exactly at the structure's level), so
     # assembling that level needs no re-fit.
     _final: Optional[torch.Tensor] = None
+    # How the record was made: the loop's precision, rows re-fitted after drift (N:M).
+    info: dict = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
@@ -150,7 +155,7 @@ class ObsDatabase:
             method="exact_obs",
             damp=self.damp,
             seconds=self.seconds + time.perf_counter() - t0,
-            info={"mask_structure": str(self.structure), "predicted_loss": predicted},
+            info={"mask_structure": str(self.structure), "predicted_loss": predicted, **self.info},
         )
 
 
@@ -160,16 +165,20 @@ def exact_obs_database(
     mask_structure: str = "unstructured",
     columns_last: Optional[int] = None,
     damp="auto",
-    dtype: torch.dtype = torch.float32,
+    dtype="auto",
 ) -> ObsDatabase:
     """Run the exact greedy OBS elimination on every row of W and keep its record.
 
     ``columns_last``: the number of kernel taps when W is a conv weight flattened as (C, kh, kw);
     N:M groups and blocks then run over input channels at one tap. ``dtype`` is the precision of
-    the elimination loop (the factorisation and the final re-fit are always float64).
+    the elimination loop: "auto" is float32 unless H's diagonal growth exceeds
+    ``_common.FLOAT32_MAX_GROWTH_ORDER`` (the factorisation and the final re-fit are always
+    float64). N:M keeps the loop's final weights; rows among them whose measured loss disagrees
+    with the loop's step losses (drift) are re-fitted in float64 on their mask.
     """
     t0 = time.perf_counter()
     prep = prepare_layer(W, H, damp)
+    dtype = loop_dtype(dtype, prep, FLOAT32_MAX_GROWTH_ORDER)
     cols = W.shape[1]
     structure = parse_mask_structure(mask_structure, cols)
     perm = columns_last_perm(cols, columns_last, device=W.device)
@@ -184,7 +193,7 @@ def exact_obs_database(
         steps = cols * structure.pruned_per_group // structure.m if structure.kind == "nm" else None
         traj = greedy_single(Wp, Hp, Hinvp, PrunePolicy(structure), dtype=dtype, max_steps=steps,
                              record_final=structure.kind == "nm")
-    return ObsDatabase(
+    db = ObsDatabase(
         structure=structure,
         order=traj.order.to(torch.int32),
         losses=traj.losses.to(torch.float32),
@@ -199,6 +208,16 @@ def exact_obs_database(
         _perm=perm,
         _final=traj.final if structure.kind == "nm" else None,
     )
+    if db._final is not None:
+        predicted = torch.where(db.order >= 0, db.losses.double(), torch.zeros((), dtype=torch.float64)).sum(1)
+        redo = torch.nonzero(drifted_rows(Wp, db._final, Hp, predicted)).flatten()
+        if redo.numel():
+            keep = db.mask(None)[redo]
+            db._final[redo] = refit_on_support(Wp[redo], Hp, Hinvp, keep)
+        db.info["refit_rows"] = int(redo.numel())
+    db.info["loop_dtype"] = str(dtype).replace("torch.", "")
+    db.seconds = time.perf_counter() - t0
+    return db
 
 
 def exact_obs_prune(
@@ -208,7 +227,7 @@ def exact_obs_prune(
     mask_structure: str = "unstructured",
     columns_last: Optional[int] = None,
     damp="auto",
-    dtype: torch.dtype = torch.float32,
+    dtype="auto",
 ) -> SolverResult:
     """ExactOBS pruning of one layer to ``sparsity`` (None for N:M: the structure's own level)."""
     resolve_sparsity(sparsity, parse_mask_structure(mask_structure))
