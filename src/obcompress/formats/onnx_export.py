@@ -6,8 +6,11 @@ reaches the graph unchanged, BatchNorm included), then rewrites the graph for ea
 
 - quantized weight: the float initializer is replaced by the layer's integer codes (int8, or int4
   for grids of at most 4 bits with ``weight_format="auto"`` at opset >= 21), a scale and a zero
-  point, and a ``DequantizeLinear`` that yields the float weight. Codes are shifted by 2^(bits-1)
-  into the signed range, so a symmetric grid has zero point 0. Granularity follows the grid:
+  point, and a ``DequantizeLinear`` that yields the float weight. int4 codes are shifted by
+  2^(bits-1) into the signed range, so a symmetric grid has zero point 0; "int8" codes are stored
+  as ONNX uint8 with their zero point (2^(bits-1) for a symmetric grid), which onnxruntime runs
+  with its u8u8 integer kernels: exact on every x86 CPU, where its u8s8 kernels saturate on AVX2
+  without VNNI (see ``_to_int_tensor``). Granularity follows the grid:
   one scale per tensor, per output channel (``axis``), or per group of input columns (blocked
   quantization, ``block_size``, opset >= 21). A ``Transpose`` of the weight (how the exporter
   feeds a linear layer to ``MatMul``) is folded into the integer initializer.
@@ -93,7 +96,8 @@ class OnnxExport:
     bytes: int
     opset: int
     dynamic_batch: bool
-    # name -> {"weight": "int8" | "int4" | "float", "bits", "granularity", "activation_bits"}
+    # name -> {"weight": "int8" | "int4" | "float", "bits", "granularity", "activation_bits"};
+    # "int8" is 8-bit codes, stored as ONNX uint8 with a zero point
     layers: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     # fold_batchnorm: name -> what was folded into its Conv or around it ("BatchNormalization", "Pad",
     # "Clip"/"Relu" (absorbed by the next quantizer) or "QuantizeLinear" (a Q/DQ pair on its output))
@@ -433,13 +437,21 @@ class _Graph:
 
 
 def _to_int_tensor(q: np.ndarray, kind: str, name: str):
+    """Signed codes (or zero points) as the initializer of their kind: int4 as int4; int8 as uint8,
+    offset by 128 (codes and zero points alike, so every dequantized value stays the same).
+
+    Why uint8: onnxruntime's integer kernels for uint8 activations and int8 weights (u8s8) sum
+    pairs of products in int16 with saturation (VPMADDUBSW) on x86 CPUs with AVX2 but without
+    AVX-VNNI, so QLinearConv / QLinearMatMul / MatMulInteger are silently wrong there; uint8
+    weights run its u8u8 kernels, which widen both operands to 16 bits first (VPMADDWD): exact
+    on every x86 CPU, at the same byte per weight."""
     from onnx import numpy_helper
 
     if kind == "int4":
         import ml_dtypes
 
         return numpy_helper.from_array(q.astype(np.int8).astype(ml_dtypes.int4), name)
-    return numpy_helper.from_array(q.astype(np.int8), name)
+    return numpy_helper.from_array((q.astype(np.int16) + 128).astype(np.uint8), name)
 
 
 def _weight_arrays(layer: _Layer, fmt: str, opset: int):
@@ -743,8 +755,8 @@ def _fold_batchnorm(g: _Graph, producers, outputs: set, layer: _Layer, rec: Dict
               if n.op_type == "DequantizeLinear" and len(n.input) > 1 and n.input[1] == rec["scale"])
     if s.ndim == 0:
         # one scale per tensor becomes one per output channel, along the conv weight's axis 0
-        z = int(np.asarray(g.array(rec["zero"])).astype(np.int8))
-        g.inits[rec["zero"]].CopyFrom(_to_int_tensor(np.full(O, z, np.int8), rec["kind"], rec["zero"]))
+        z = np.asarray(g.array(rec["zero"]))  # already in its stored type (uint8 for int8 codes)
+        g.inits[rec["zero"]].CopyFrom(numpy_helper.from_array(np.full(O, z, z.dtype), rec["zero"]))
         g._arrays.pop(rec["zero"], None)
         dq.attribute.append(helper.make_attribute("axis", 0))
     g.inits[rec["scale"]].CopyFrom(numpy_helper.from_array(folded.astype(np.float32), rec["scale"]))
