@@ -7,7 +7,8 @@ import sys
 from typing import Optional, Sequence
 
 from obcompress import __version__
-from obcompress.zoo._fetch import ZooUnavailable
+from obcompress.files import write_text
+from obcompress.zoo import ZooUnavailable
 
 
 def _csv(text: str) -> list:
@@ -359,13 +360,13 @@ def _search(args, parser) -> int:
     if args.search_command == "select":
         from obcompress.search.nonuniform import best_uniform, parse_goal, select_dp, spdy
         from obcompress.model.calibration import calibration_batches
-        from obcompress.search.sweep import RECIPE_CORRECTIONS, _correction, as_recipe_runs
+        from obcompress.search.sweep import RECIPE_CORRECTIONS, as_recipe_runs, make_correction
 
         goal = parse_goal(args.goal, **({"activation_bits": act} if args.goal.strip().startswith("bops") and act else {}))
         batches = calibration_batches(entry.calibration, args.calibration_samples)
         # Dense statistics (statcorr) only where a candidate is corrected; the model is still dense here.
         need = args.eval or args.method == "spdy"
-        fix = _correction(args.correction if need else "none", batches, entry.model)
+        fix = make_correction(args.correction if need else "none", batches, entry.model)
         if args.method == "uniform":
             cfg = best_uniform(db, goal)[0]
         elif args.method == "spdy":
@@ -376,8 +377,7 @@ def _search(args, parser) -> int:
         recipe = cfg.recipe(db, activation_bits=act if goal.cost.name == "bops" else None)
         if args.correction in RECIPE_CORRECTIONS:
             recipe["corrections"] = dict(RECIPE_CORRECTIONS[args.correction])
-        with open(args.out, "w", encoding="utf-8") as f:
-            yaml.safe_dump(recipe, f, sort_keys=False)
+        write_text(args.out, yaml.safe_dump(recipe, sort_keys=False))
         print(f"{'layer':<40} {'variant':>14} {'score':>10}")
         for n, v in cfg.choice.items():
             kind = args.score if args.method in ("dp", "exact") else "error"
@@ -431,7 +431,7 @@ def _search_fit(args, entry, progress) -> int:
         cut = len(task.prefix)
         recipe["targets"] = [n[cut:] for n in recipe["targets"]]
         recipe["layers"] = {n[cut:]: v for n, v in recipe["layers"].items()}
-    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    write_text(out / "recipe.yaml", yaml.safe_dump(recipe, sort_keys=False))
     write_path_report(path, out, {"fisher_seconds": r["fisher_seconds"], "search_seconds": r["search_seconds"],
                                   "fisher_batches": r["fisher_batches"], "dense": dense,
                                   "results": r["results"]})

@@ -28,14 +28,13 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
+from ..files import atomic_directory
 from ..model.activations import attach, quantizers_from_dict, quantizers_to_dict
 from ..model.layers import LayerInfo, find_layers
 from ..solvers.grid import QuantGrid
@@ -412,10 +411,7 @@ def save(model: nn.Module, result, directory: Union[str, os.PathLike]) -> Dict[s
         "activation_quantizers": quantizers_to_dict(getattr(result, "activation_quantizers", {}) or {}),
     }
 
-    parent = directory.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=parent))
-    try:
+    with atomic_directory(directory) as tmp:
         weights = tmp / WEIGHTS_FILE
         save_file(tensors, str(weights), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
         config["files"] = {WEIGHTS_FILE: {"bytes": weights.stat().st_size, "sha256": _sha256(weights)}}
@@ -426,15 +422,6 @@ def save(model: nn.Module, result, directory: Union[str, os.PathLike]) -> Dict[s
         report = _report(result, config, fp32, weights.stat().st_size + len(config_bytes)
                          + (tmp / RECIPE_FILE).stat().st_size)
         (tmp / REPORT_FILE).write_bytes(report)
-        for p in tmp.iterdir():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-            os.chmod(p, 0o644)  # mkstemp/mkdtemp make them owner-only; an artifact is meant to be shared
-        os.chmod(tmp, 0o755)
-        _replace_dir(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return config
 
 
@@ -461,23 +448,6 @@ def _report(result, config, fp32: int, other_bytes: int) -> bytes:
         if need <= total:
             return data + b" " * (total - need)
         total = need
-
-
-def _replace_dir(tmp: Path, directory: Path) -> None:
-    if not directory.exists():
-        os.replace(tmp, directory)
-        return
-    # rename(2) cannot replace a non-empty directory: move the old artifact aside first, so that at
-    # every moment ``directory`` is either the old complete artifact, absent, or the new one.
-    old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-    os.rmdir(old)
-    os.replace(directory, old)
-    try:
-        os.replace(tmp, directory)
-    except BaseException:
-        os.replace(old, directory)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------

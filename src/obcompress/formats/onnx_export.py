@@ -59,6 +59,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..files import write_bytes
 from ..model import activations as _activations
 from ..model.activations import ActivationQuantizer, quantizers_from_dict
 from ..model.layers import LayerInfo, find_layers
@@ -977,22 +978,6 @@ def _fold_for_integer_kernels(model_proto, layers: Dict[str, _Layer], weight_dq:
 # public
 
 
-def _write_atomic(data: bytes, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a model file is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _finish(model_proto, path: Path, opset: int, layers_report, folded=None, ready=None) -> OnnxExport:
     import onnx
 
@@ -1006,7 +991,7 @@ def _finish(model_proto, path: Path, opset: int, layers_report, folded=None, rea
         onnx.checker.check_model(model_proto)
     except onnx.checker.ValidationError as e:
         raise ValueError(f"the rewritten ONNX graph does not pass onnx.checker: {str(e).splitlines()[0]}") from None
-    _write_atomic(data, path)
+    write_bytes(path, data)
     dims = model_proto.graph.input[0].type.tensor_type.shape.dim if model_proto.graph.input else []
     dynamic = bool(dims) and dims[0].HasField("dim_param")
     return OnnxExport(path=path, bytes=path.stat().st_size, opset=opset, dynamic_batch=dynamic, layers=layers_report,

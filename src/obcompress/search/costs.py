@@ -29,7 +29,6 @@ import numbers
 import os
 import platform
 import statistics
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from ..files import write_json
 from ..solvers import parse_mask_structure
 from ..solvers._common import num_pruned
 from .space import LayerGeometry, Variant
@@ -511,16 +511,7 @@ class LatencyCost(CostModel):
         # Entries another process wrote since we read the file are kept; ours win on a clash.
         entries.update(self._entries)
         body = {"format": _CACHE_FORMAT, "version": _CACHE_VERSION, "machine": _machine(), "entries": entries}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(body, f, indent=1, sort_keys=True)
-            os.replace(tmp, path)  # readers see the old file or the new one, never half of it
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_json(path, body, indent=1, sort_keys=True)
 
     @property
     def cache(self) -> Dict[str, Dict[str, Any]]:

@@ -35,7 +35,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -47,11 +46,11 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..files import atomic_path, write_json
 from ..formats.packing import pack_bits, pack_mask, unpack_bits, unpack_mask
 from ..model.calibration import HessianHooks, calibration_batches, count_samples, run_model
 from ..model.layers import LayerInfo, find_layers, set_weight_groups, weight_groups
-from ..solvers import QuantGrid, layer_loss, obq_quantize, parse_mask_structure, support_refit
-from ..solvers._common import prepare_layer
+from ..solvers import QuantGrid, layer_loss, obq_quantize, parse_mask_structure, prepare_layer, support_refit
 from ..solvers.obs import ObsDatabase, exact_obs_database
 from .space import LayerGeometry, SearchSpace, Variant, configuration_recipe, default_space
 
@@ -255,16 +254,8 @@ def _build_layer(name: str, info: LayerInfo, H: torch.Tensor, space: SearchSpace
 
 
 def _write_layer(path: Path, tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"obcompress": json.dumps(meta)})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"obcompress": json.dumps(meta)})
 
 
 def _read_layer_meta(path: Path) -> Optional[Dict[str, Any]]:
@@ -343,7 +334,7 @@ class Database:
             doc[name] = {"key": e.key, "scores": merged}
             for k, v in sc.items():
                 e.variants[k][kind] = float(v)
-        _write_json(path, doc)
+        write_json(path, doc, indent=1, sort_keys=True)
 
     # ---- facts -------------------------------------------------------------------------
 
@@ -560,7 +551,7 @@ def build_database(
     if (directory / MANIFEST).exists():
         old_manifest = json.loads((directory / MANIFEST).read_text())
     manifest["hessian_seconds"] = float(old_manifest.get("hessian_seconds", 0.0))
-    _write_json(directory / MANIFEST, manifest)
+    write_json(directory / MANIFEST, manifest, indent=1, sort_keys=True)
 
     if todo:
         t0 = time.perf_counter()
@@ -577,7 +568,7 @@ def build_database(
             for m, training in modes:
                 m.training = training
         manifest["hessian_seconds"] += time.perf_counter() - t0
-        _write_json(directory / MANIFEST, manifest)
+        write_json(directory / MANIFEST, manifest, indent=1, sort_keys=True)
         bar = tqdm(todo, desc="database", unit="layer", disable=not progress, file=sys.stderr)
         for name in bar:
             info = found[name]
@@ -590,13 +581,6 @@ def build_database(
             bar.set_postfix_str(f"{name}: {len(meta['variants'])} variants, {meta['seconds']:.1f} s")
         bar.close()
     return _assemble(directory, manifest, found, done, paths)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def _assemble(directory, manifest, found_names, done, paths) -> Database:

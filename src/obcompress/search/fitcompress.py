@@ -15,9 +15,7 @@ the exact OBC solvers, post-training.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -26,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..files import write_json
 from ..model.calibration import calibration_batches, run_model
 from .fit import Fisher, FitPath, _check_fisher, apply_rtn_fit, empirical_fisher, finetune, plan_path
 from .nonuniform import Goal, parse_goal
@@ -166,9 +165,6 @@ def write_path_report(path: FitPath, directory: Union[str, os.PathLike], extra: 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     doc = {**path.to_dict(), **(extra or {})}
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=d)
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, d / "fit_path.json")
+    write_json(d / "fit_path.json", doc, indent=1)
     path_plot(path, d / "fit_path.png")
     return d

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
@@ -19,6 +18,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import torch.nn as nn
 import yaml
 
+from ..files import write_json, write_text
 from ..model.activations import ActivationHooks, attach, calibrate_activation_quantizers
 from ..model.calibration import calibration_batches
 from ..model.corrections import correctable_norms, norm_statistics, reestimate_batchnorm, statistics_correction
@@ -26,7 +26,7 @@ from ..model.layers import find_layers
 from .database import Database
 from .nonuniform import Configuration, Goal, _Stitcher, best_uniform, parse_goal, select_dp, spdy
 
-__all__ = ["METHODS", "as_recipe_runs", "attach_recipe_activations", "run_sweep", "main_metric", "write_sweep_plots", "SWEEP_FILE"]
+__all__ = ["METHODS", "RECIPE_CORRECTIONS", "as_recipe_runs", "attach_recipe_activations", "make_correction", "run_sweep", "main_metric", "write_sweep_plots", "SWEEP_FILE"]
 
 METHODS = ("uniform", "dp", "spdy")
 SWEEP_FILE = "sweep.json"
@@ -42,7 +42,7 @@ def main_metric(metrics: Mapping[str, float]) -> str:
     return next(iter(metrics))
 
 
-def _correction(kind: str, batches, model: Optional[nn.Module] = None) -> Optional[Callable[[nn.Module], None]]:
+def make_correction(kind: str, batches, model: Optional[nn.Module] = None) -> Optional[Callable[[nn.Module], None]]:
     """The correction run on a stitched model before it is scored. ``statcorr`` takes the norm
     layers' output statistics of ``model`` now, which must be the dense model."""
     if kind not in CORRECTIONS:
@@ -82,7 +82,7 @@ def as_recipe_runs(model: nn.Module, recipe: Mapping[str, Any], batches, correct
                    fix: Optional[Callable[[nn.Module], None]]) -> Optional[ActivationHooks]:
     """Bring a model holding a configuration's weights to what ``compress`` makes of its recipe:
     BatchNorm re-estimation, then the input quantizers (returned; the caller removes them), then
-    statistics correction. ``fix`` is ``_correction(correction, ...)``."""
+    statistics correction. ``fix`` is ``make_correction(correction, ...)``."""
     if fix is not None and correction == "bn":
         fix(model)
     hooks = attach_recipe_activations(model, recipe, batches)
@@ -113,7 +113,7 @@ def run_sweep(db: Database, model: nn.Module, data: Iterable, evaluate: Callable
                                                              if g.startswith("bops") and activation_bits else {}))
              for g in goals]
     batches = calibration_batches(data, num_calibration_samples, transform_fn)
-    fix = _correction(correction, batches, model)
+    fix = make_correction(correction, batches, model)
     dense_metrics = evaluate(model)
     metric = main_metric(dense_metrics)
     stitch = _Stitcher(db, model)
@@ -164,7 +164,7 @@ def run_sweep(db: Database, model: nn.Module, data: Iterable, evaluate: Callable
                 seconds = time.perf_counter() - t0
                 tag = f"{method}_{goal.cost.name}_{goal.reduction:g}x"
                 recipe = recipe_of(cfg)
-                (out / f"{tag}.recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+                write_text(out / f"{tag}.recipe.yaml", yaml.safe_dump(recipe, sort_keys=False))
                 row = {"goal": {"cost": goal.cost.to_dict(), "fraction": goal.fraction, "reduction": goal.reduction},
                        "method": method, "metrics": metrics, "reduction": cfg.reduction, "cost": cfg.cost,
                        "dense_cost": cfg.dense_cost, "score": cfg.score, "seconds": seconds,
@@ -173,7 +173,7 @@ def run_sweep(db: Database, model: nn.Module, data: Iterable, evaluate: Callable
                 rows.append(row)
                 log(f"{goal.cost.name} {goal.reduction:g}x {method:8s} {metric} {100 * metrics[metric]:.1f} "
                     f"(reached {cfg.reduction:.2f}x, score {cfg.score:.4g}, {seconds:.1f} s)")
-                _write_json(out / SWEEP_FILE, _doc(db, dense_metrics, metric, rows, correction, activation_bits))
+                write_json(out / SWEEP_FILE, _doc(db, dense_metrics, metric, rows, correction, activation_bits), indent=1)
     finally:
         stitch.restore()
     return _doc(db, dense_metrics, metric, rows, correction, activation_bits)
@@ -184,13 +184,6 @@ def _doc(db, dense_metrics, metric, rows, correction, activation_bits) -> Dict[s
             "database_bytes": db.nbytes, "database_build_seconds": db.build_seconds,
             "layers": db.names, "dense": dense_metrics, "metric": metric, "correction": correction,
             "activation_bits": activation_bits, "runs": rows}
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def write_sweep_plots(directory: Union[str, os.PathLike]) -> List[Path]:

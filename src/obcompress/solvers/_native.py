@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-from obcompress._cache import cache_dir
+from ..files import atomic_path, cache_dir
 
 _SOURCE = Path(__file__).with_name("_kernel.c")
 _FLAGS = ["-O3", "-shared", "-fPIC", "-std=c99"]
@@ -60,22 +60,16 @@ def _cpu_signature() -> str:
 
 
 def _build(cc: str, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
+    # atomic: a concurrent process sees all of the library or nothing
+    with atomic_path(target) as tmp:
         errors = []
         for arch in (["-march=native"], []):
-            cmd = [cc, *_FLAGS, *arch, str(_SOURCE), "-o", tmp, "-lm"]
+            cmd = [cc, *_FLAGS, *arch, str(_SOURCE), "-o", str(tmp), "-lm"]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode == 0:
-                os.replace(tmp, target)  # atomic: a concurrent process sees all of it or nothing
                 return
             errors.append(proc.stderr.strip()[-500:])
         raise RuntimeError(" / ".join(errors))
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def kernel():

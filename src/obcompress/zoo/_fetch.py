@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Dict, Iterator
 
-from obcompress._cache import cache_dir
+from ..files import cache_dir
 
 INSTALL_HINT = "pip install 'obcompress[zoo]'"
 
@@ -126,15 +126,3 @@ def read_members(deb: Path, wanted: Callable[[str], bool]) -> Dict[str, bytes]:
     return out
 
 
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp)`` then rename ``tmp`` to ``path`` (a reader never sees a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
