@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -47,7 +46,17 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
-from .solvers._common import MaskStructure, parse_mask_structure
+from .checks import (
+    MaskStructure,
+    check_bits,
+    check_bool,
+    check_damp,
+    check_group_size,
+    check_selector,
+    check_sparsity,
+    parse_mask_structure,
+    selector_matches,
+)
 
 __all__ = [
     "ActivationScheme",
@@ -147,16 +156,20 @@ def _check_mapping(v: Any, path: str) -> Mapping:
     return v
 
 
+def _checked(check, value: Any, path: str, *more) -> Any:
+    """``check(value, path, *more)`` from obcompress.checks, its ValueError as a RecipeError."""
+    try:
+        return check(value, path, *more)
+    except ValueError as e:
+        raise _fail(str(e)) from None
+
+
 def _check_bool(v: Any, path: str) -> bool:
-    if not isinstance(v, bool):
-        raise _fail(f"{path} must be true or false, got {v!r}")
-    return v
+    return _checked(check_bool, v, path)
 
 
 def _check_bits(v: Any, path: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or not 2 <= v <= 8:
-        raise _fail(f"{path} must be an integer in 2..8, got {v!r}")
-    return v
+    return _checked(check_bits, v, path)
 
 
 def _check_choice(v: Any, choices: Sequence[str], path: str) -> str:
@@ -167,26 +180,11 @@ def _check_choice(v: Any, choices: Sequence[str], path: str) -> str:
     return v
 
 
-def _check_number(v: Any, path: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise _fail(f"{path} must be a finite number, got {v!r}")
-    return float(v)
-
-
 def _check_damp(v: Any, path: str) -> Union[str, float]:
-    if v == "auto":
-        return "auto"
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-        raise _fail(f"{path} must be 'auto' or a number >= 0, got {v!r}")
-    return float(v)
+    return _checked(check_damp, v, path)
 
 
 def _check_mask_structure(v: Any, path: str) -> MaskStructure:
-    if not isinstance(v, str):
-        hint = ""
-        if isinstance(v, int) and not isinstance(v, bool):
-            hint = " (an unquoted N:M such as 2:4 is a base-60 number to YAML 1.1 loaders: quote it, '2:4')"
-        raise _fail(f"{path} must be a string: 'unstructured', 'N:M' (e.g. '2:4') or 'block:c'; got {v!r}{hint}")
     try:
         return parse_mask_structure(v)
     except ValueError as e:
@@ -197,14 +195,7 @@ def _name(v: Any, path: str) -> str:
     # Module names in nn.Sequential are digits, which YAML reads as integers.
     if isinstance(v, int) and not isinstance(v, bool):
         return str(v)
-    if not isinstance(v, str) or not v:
-        raise _fail(f"{path} must be a non-empty string (a class name, module name or 're:<regex>'), got {v!r}")
-    if v.startswith("re:"):
-        try:
-            re.compile(v[3:])
-        except re.error as e:
-            raise _fail(f"{path}: bad regular expression {v[3:]!r}: {e}") from None
-    return v
+    return _checked(check_selector, v, path)
 
 
 def _name_list(v: Any, path: str) -> Tuple[str, ...]:
@@ -213,14 +204,6 @@ def _name_list(v: Any, path: str) -> Tuple[str, ...]:
     if not isinstance(v, (list, tuple)):
         raise _fail(f"{path} must be a list of names, got {_type_name(v)} {v!r}")
     return tuple(_name(x, f"{path}[{i}]") for i, x in enumerate(v))
-
-
-def selector_matches(pattern: str, name: str, class_name: Optional[str]) -> bool:
-    """One rule for targets, ignore and layer overrides: "re:" fullmatches the module name, anything
-    else is an exact module name or a class name (``class_name`` None: names only)."""
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
-    return pattern == name or (class_name is not None and pattern == class_name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,8 +292,7 @@ def _quant_values(d: Any, path: str) -> Dict[str, Any]:
     gs = d.get("group_size")
     gpath = _join(path, "group_size")
     if out["strategy"] == "group":
-        if isinstance(gs, bool) or not isinstance(gs, int) or gs < 1:
-            raise _fail(f"{gpath} must be an integer >= 1 when {_join(path, 'strategy')} is 'group', got {gs!r}")
+        gs = _checked(check_group_size, gs, gpath, _join(path, "strategy"))
     elif gs is not None:
         raise _fail(f"{gpath} is only used with {_join(path, 'strategy')}: group "
                     f"(strategy is {out['strategy']!r}); remove it or set it to null")
@@ -369,9 +351,7 @@ def _sparsity_values(d: Any, path: str) -> Dict[str, Any]:
             raise _fail(f"{spath} is required for {_join(path, 'mask_structure')}: {ms} "
                         "(only N:M structures fix their own sparsity)")
     else:
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not (0.0 <= s < 1.0):
-            raise _fail(f"{spath} must be a number in [0, 1), got {s!r}")
-        s = float(s)
+        s = _checked(check_sparsity, s, spath)
         fixed = ms.fixed_sparsity
         if fixed is not None and abs(s - fixed) > 1e-9:
             raise _fail(f"{spath}={s:g} contradicts {_join(path, 'mask_structure')}: {ms}, which is "

@@ -37,9 +37,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from ..checks import check_bool, check_group_size, check_int
 from ..files import write_json
-from ..solvers import parse_mask_structure
-from ..solvers._common import num_pruned
+from ..solvers import num_pruned, parse_mask_structure
 from .space import LayerGeometry, Variant
 
 __all__ = [
@@ -64,9 +64,7 @@ KINDS = ("linear", "conv1d", "conv2d", "conv1d_hf")
 
 
 def _int_setting(cost: str, key: str, value: Any, lo: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ValueError(f"{cost} cost: {key} must be an integer >= {lo}, got {value!r}")
-    return int(value)
+    return check_int(value, f"{cost} cost: {key}", lo)
 
 
 def _check_geom(geom: Any) -> LayerGeometry:
@@ -77,8 +75,7 @@ def _check_geom(geom: Any) -> LayerGeometry:
         raise ValueError(f"{where}: unknown layer kind {geom.kind!r} (expected one of {KINDS})")
     for key in ("groups", "rows", "cols", "taps"):
         v = getattr(geom, key)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{where}: {key} must be a positive integer, got {v!r}")
+        check_int(v, f"{where}: {key}")
     if geom.cols % geom.taps:
         raise ValueError(f"{where}: {geom.cols} columns are not a whole number of input channels x {geom.taps} taps")
     p = geom.positions
@@ -180,12 +177,11 @@ class SizeCost(CostModel):
     unit = "bit"
 
     def __init__(self, symmetric: bool = True, strategy: str = "channel", group_size: Optional[int] = None):
-        if not isinstance(symmetric, bool):
-            raise ValueError(f"size cost: symmetric must be true or false, got {symmetric!r}")
+        check_bool(symmetric, "size cost: symmetric")
         if strategy not in ("channel", "tensor", "group"):
             raise ValueError(f"size cost: strategy must be 'channel', 'tensor' or 'group', got {strategy!r}")
         if strategy == "group":
-            group_size = _int_setting("size", "group_size", group_size)
+            group_size = check_group_size(group_size, "size cost: group_size", "size cost: strategy")
         elif group_size is not None:
             raise ValueError(f"size cost: group_size is only meaningful with strategy 'group', got {group_size!r}")
         self.symmetric, self.strategy, self.group_size = symmetric, strategy, group_size

@@ -13,11 +13,10 @@ shape as solver problems and how many output positions one sample gives (tokens,
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from ..solvers import parse_mask_structure
+from ..checks import check_bits, check_bool, check_damp, check_int, check_sparsity, parse_mask_structure
 
 __all__ = ["Variant", "SearchSpace", "LayerGeometry", "paper_levels", "default_space", "configuration_recipe"]
 
@@ -61,15 +60,12 @@ class Variant:
         if ms.kind == "nm":
             object.__setattr__(self, "sparsity", round(ms.fixed_sparsity, 4))
         else:
-            s = float(self.sparsity)
-            if not 0.0 <= s < 1.0 or math.isnan(s):
-                raise ValueError(f"variant sparsity must be in [0, 1), got {self.sparsity!r}")
+            s = check_sparsity(self.sparsity, "variant sparsity")
             object.__setattr__(self, "sparsity", round(s, 4))
             if ms.kind == "block" and s == 0.0:
                 object.__setattr__(self, "structure", "unstructured")
         if self.bits is not None:
-            if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
-                raise ValueError(f"variant bits must be an integer in 2..8 or None, got {self.bits!r}")
+            check_bits(self.bits, "variant bits")
 
     @property
     def density(self) -> float:
@@ -186,6 +182,9 @@ class SearchSpace:
         if Variant() not in vs:
             vs = (Variant(),) + vs  # the dense layer is always a choice: the DP's fallback
         object.__setattr__(self, "variants", vs)
+        check_bool(self.symmetric, "search space symmetric")
+        check_damp(self.damp, "search space damp")
+        check_int(self.joint_min_cols, "search space joint_min_cols", 0)
 
     def for_layer(self, cols: int) -> List[Variant]:
         return [v for v in self.variants if v.fits(cols)
