@@ -13,13 +13,8 @@ pytest.importorskip("onnxscript")
 
 from obcompress.api import compress  # noqa: E402
 from obcompress.formats import load, save  # noqa: E402
-from obcompress.formats.onnx_export import (  # noqa: E402
-    _activation_hooks_suspended,
-    export_dense_onnx,
-    export_onnx,
-    ort_optimized_ops,
-    ort_session,
-)
+from obcompress.formats.onnx_export import _activation_hooks_suspended, export_dense_onnx, export_onnx  # noqa: E402
+from obcompress.formats.onnx_runtime import ort_optimized_ops, ort_session  # noqa: E402
 
 # Weight-only graphs compute what PyTorch computes up to float32 summation order.
 RTOL = 1e-5

@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -36,7 +37,7 @@ from torch import nn
 
 from ..files import atomic_directory
 from ..model.activations import attach, quantizers_from_dict, quantizers_to_dict
-from ..model.layers import LayerInfo, find_layers
+from ..model.layers import LayerInfo, find_layers, weight_groups
 from ..solvers.grid import QuantGrid
 from .packing import pack_bits, pack_mask, packed_size, unpack_bits, unpack_mask
 
@@ -45,11 +46,15 @@ __all__ = [
     "FORMAT_VERSION",
     "RECIPE_FILE",
     "REPORT_FILE",
+    "StoredLayer",
     "WEIGHTS_FILE",
     "artifact_size",
+    "column_groups",
+    "decode_codes",
     "fp32_size",
     "load",
     "read_config",
+    "read_layers",
     "save",
 ]
 
@@ -112,23 +117,15 @@ def fp32_size(model: nn.Module) -> int:
 # weight layout and reconstruction
 
 
-def _native_groups(info: LayerInfo) -> torch.Tensor:
-    """The layer's weight as (groups, rows, cols) in its own dtype, on the CPU (``weight_groups``
-    without its float32 cast, so that float64 or other weights are compared exactly)."""
-    w = info.module.weight.detach()
-    if info.kind == "conv1d_hf":
-        w = w.t()
-    return w.reshape(info.groups, info.rows, info.cols).cpu()
-
-
 def _to_module_layout(info_kind: str, W: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
-    """Inverse of ``_native_groups``: (groups, rows, cols) back to the module's weight shape."""
+    """Inverse of ``weight_groups``: (groups, rows, cols) back to the module's weight shape."""
     if info_kind == "conv1d_hf":
         return W[0].t().contiguous()
     return W.reshape(shape).contiguous()
 
 
-def _column_groups(G: int, C: int, strategy: str, group_size: Optional[int], g_idx: Optional[torch.Tensor]):
+def column_groups(G: int, C: int, strategy: str, group_size: Optional[int], g_idx: Optional[torch.Tensor]):
+    """(G, C): the quantization group (index into the scale's last dimension) of every column."""
     if g_idx is not None:
         return g_idx.to(torch.long)
     c = torch.arange(C)
@@ -136,8 +133,8 @@ def _column_groups(G: int, C: int, strategy: str, group_size: Optional[int], g_i
     return col.expand(G, C)
 
 
-def _decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, col_groups: torch.Tensor,
-            mask: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+def decode_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, col_groups: torch.Tensor,
+                 mask: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """Weights (G, R, C) from codes (G, R, C): ``scale * (code - zero)`` in float32 exactly as
     ``QuantGrid.decode``, zero where pruned, cast to the weight dtype as ``set_weight_groups`` does."""
     G, R, C = codes.shape
@@ -204,7 +201,8 @@ def _nbytes(t: torch.Tensor) -> int:
 
 def _encode_layer(name: str, info: LayerInfo, state) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
     """Config entry and tensors (keys relative to the layer) of one compressed layer."""
-    target = _native_groups(info)
+    # in the weight's own dtype, so that float64 or other weights are compared exactly
+    target = weight_groups(info, dtype=None).cpu()
     G, R, C = target.shape
     N = target.numel()
     dtype = target.dtype
@@ -256,7 +254,7 @@ def _encode_layer(name: str, info: LayerInfo, state) -> Tuple[Dict[str, Any], Di
         g_idx = None
         if any(g.g_idx is not None for g in grids):
             g_idx = torch.stack([g.column_groups(C, device="cpu") for g in grids]).to(_index_dtype(n_groups))
-        col = _column_groups(G, C, g0.strategy, g0.group_size, g_idx)
+        col = column_groups(G, C, g0.strategy, g0.group_size, g_idx)
         dense_bytes = packed_size(N, g0.bits)
         sparse_bytes = None if mask is None else math.ceil(N / 8) + packed_size(kept, g0.bits)
         storages = [(dense_bytes, CODES)]
@@ -274,7 +272,7 @@ def _encode_layer(name: str, info: LayerInfo, state) -> Tuple[Dict[str, Any], Di
             for sd in (torch.float16, torch.float32):
                 s = scale.to(sd)
                 if s.to(torch.float32).isfinite().all() and torch.equal(
-                        _decode(codes, s, z, col, use_mask, dtype), target):
+                        decode_codes(codes, s, z, col, use_mask, dtype), target):
                     chosen = (storage, s, z)
                     break
             if chosen:
@@ -515,8 +513,33 @@ def _dtype(name, where: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def _rebuild_layer(name: str, e: Dict[str, Any], tensors) -> torch.Tensor:
-    """The layer's weight (G, R, C) in its dtype from the stored parts; ValueError if they disagree."""
+@dataclass
+class StoredLayer:
+    """A compressed layer as an artifact holds it (see ``read_layers``)."""
+
+    entry: Dict[str, Any]  # its compression_config.json entry
+    weight: torch.Tensor  # (groups, rows, cols) in the layer's dtype, exactly as ``load`` writes it
+    # Quantized layers: the integer codes (G, R, C) uint8, a pruned weight holding its zero point
+    # (the code that decodes to 0); scale and zero point (G, R or 1, quantization groups) float32;
+    # each column's quantization group (G, C).
+    codes: Optional[torch.Tensor] = None
+    scale: Optional[torch.Tensor] = None
+    zero: Optional[torch.Tensor] = None
+    column_groups: Optional[torch.Tensor] = None
+
+
+def read_layers(directory: Union[str, os.PathLike]) -> Dict[str, StoredLayer]:
+    """Every compressed layer of the artifact, rebuilt from its stored parts and checked (size,
+    checksum, shapes) as ``load`` does, without a model."""
+    directory = Path(directory)
+    config = read_config(directory)
+    tensors = _read_weights(directory, config)
+    return {name: _stored_layer(name, e, tensors) for name, e in config["layers"].items()}
+
+
+def _stored_layer(name: str, e: Dict[str, Any], tensors) -> StoredLayer:
+    """The layer's weight (G, R, C) in its dtype (and its codes) from the stored parts; ValueError
+    if they disagree."""
     where = f"artifact layer {name!r}"
     try:
         G, R, C = int(e["groups"]), int(e["rows"]), int(e["cols"])
@@ -536,10 +559,10 @@ def _rebuild_layer(name: str, e: Dict[str, Any], tensors) -> torch.Tensor:
     if storage in (VALUES, MASK_VALUES):
         values = _expect(tensors, _layer_key(name, "values"), (kept,), dtype, where)
         if mask is None:
-            return values.reshape(G, R, C)
+            return StoredLayer(e, values.reshape(G, R, C))
         W = torch.zeros(G, R, C, dtype=dtype)
         W[mask] = values
-        return W
+        return StoredLayer(e, W)
     if not isinstance(q, dict):
         raise ValueError(f"{where}: codes stored without quantization settings")
     try:
@@ -553,11 +576,6 @@ def _rebuild_layer(name: str, e: Dict[str, Any], tensors) -> torch.Tensor:
         raise ValueError(f"{where}: {bits}-bit codes; artifacts store 2..8 bits")
     packed = _expect(tensors, _layer_key(name, "codes"), (packed_size(kept, bits),), torch.uint8, where)
     codes_kept = unpack_bits(packed, bits, kept)
-    if mask is None:
-        codes = codes_kept.reshape(G, R, C)
-    else:
-        codes = torch.zeros(G, R, C, dtype=torch.uint8)
-        codes[mask] = codes_kept
     if len(scale_shape) != 3 or scale_shape[0] != G or scale_shape[1] not in (1, R):
         raise ValueError(f"{where}: scale shape {scale_shape} does not fit {G} groups of {R} rows")
     scale = _expect(tensors, _layer_key(name, "scale"), scale_shape, sdt, where)
@@ -570,10 +588,20 @@ def _rebuild_layer(name: str, e: Dict[str, Any], tensors) -> torch.Tensor:
         raise ValueError(f"{where}: g_idx has shape {tuple(g_idx.shape)}, expected {(G, C)}")
     if g_idx is None and strategy == "group" and (not isinstance(group_size, int) or group_size < 1):
         raise ValueError(f"{where}: group strategy without a valid group_size")
-    col = _column_groups(G, C, strategy, group_size, g_idx)
+    col = column_groups(G, C, strategy, group_size, g_idx)
     if col.numel() and (int(col.min()) < 0 or int(col.max()) >= scale_shape[2]):
         raise ValueError(f"{where}: column groups out of range of {scale_shape[2]} scale groups")
-    return _decode(codes, scale, zero, col, mask, dtype)
+    zero32 = zero.to(torch.float32).expand(scale_shape).contiguous()
+    if mask is None:
+        codes = codes_kept.reshape(G, R, C)
+    else:
+        # A pruned weight has no stored code; its zero point is the code that decodes to 0.
+        idx = col[:, None, :].expand(G, R, C)
+        codes = torch.gather(zero32.expand(G, R, scale_shape[2]), 2, idx).round().clamp(0, 2**bits - 1)
+        codes = codes.to(torch.uint8)
+        codes[mask] = codes_kept
+    return StoredLayer(e, decode_codes(codes, scale, zero, col, mask, dtype), codes, scale.to(torch.float32),
+                       zero32, col)
 
 
 def load(directory: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
@@ -622,7 +650,7 @@ def load(directory: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
         if list(target.shape) != e.get("weight_shape"):
             raise ValueError(f"artifact does not match the model: layer {name!r} has weight shape {e.get('weight_shape')}, the model's is "
                              f"{list(target.shape)}")
-        W = _rebuild_layer(name, e, tensors)
+        W = _stored_layer(name, e, tensors).weight
         if W.dtype != target.dtype:
             raise ValueError(f"artifact layer {name!r} holds {W.dtype} weights, the model's are {target.dtype}")
         new[e["state_key"]] = _to_module_layout(info.kind, W, tuple(target.shape))

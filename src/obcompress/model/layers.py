@@ -187,13 +187,13 @@ def find_layers(
     return OrderedDict((n, _layer_info(n, m)) for n, m in selected)
 
 
-def weight_groups(info: LayerInfo) -> torch.Tensor:
-    """The layer's weight as a float32 copy of shape (groups, rows, cols)."""
+def weight_groups(info: LayerInfo, dtype: Optional[torch.dtype] = torch.float32) -> torch.Tensor:
+    """A copy of the layer's weight of shape (groups, rows, cols), in ``dtype`` (None: its own)."""
     w = info.module.weight.detach()
     if info.kind == "conv1d_hf":
         w = w.t()
     # Conv group g owns output channels [g*rows, (g+1)*rows): contiguous blocks of the flattened weight.
-    return w.reshape(info.groups, info.rows, info.cols).to(torch.float32, copy=True)
+    return w.reshape(info.groups, info.rows, info.cols).to(dtype or w.dtype, copy=True)
 
 
 def set_weight_groups(info: LayerInfo, W: torch.Tensor) -> None:

@@ -7,8 +7,9 @@ paper's: unstructured levels on the grid density = 0.9^k up to 99 % sparsity, bl
 with every bit width). A layer takes only the variants its shape admits (N:M and blocks need
 columns divisible by M or c).
 
-``LayerGeometry`` is what the cost models need to know of a layer, and nothing else: its weight
-shape as solver problems and how many output positions one sample gives (tokens, pixels).
+``LayerGeometry`` (from ``obcompress.geometry``) is what the cost models need to know of a layer,
+and nothing else: its weight shape as solver problems and how many output positions one sample
+gives (tokens, pixels).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..checks import check_bits, check_bool, check_damp, check_int, check_sparsity, parse_mask_structure
+from ..geometry import LayerGeometry  # noqa: F401  (part of the search's vocabulary)
 
 __all__ = ["Variant", "SearchSpace", "LayerGeometry", "paper_levels", "default_space", "configuration_recipe"]
 
@@ -247,42 +249,6 @@ def default_space(
                 raise ValueError(f"joint level k={k} is not on the grid 1..{len(levels)}")
             out += [Variant("unstructured", levels[k - 1], b) for b in bits]
     return SearchSpace(tuple(out))
-
-
-@dataclass(frozen=True)
-class LayerGeometry:
-    """A layer as the cost models see it.
-
-    ``groups`` x (``rows`` x ``cols``) weights (conv: cols = in_channels/groups x taps);
-    ``positions``: output positions per sample, averaged over the calibration data (1 for a
-    Linear on vectors, the tokens of a sequence, out_h x out_w of a conv2d).
-    """
-
-    name: str
-    kind: str
-    groups: int
-    rows: int
-    cols: int
-    taps: int = 1
-    positions: float = 1.0
-    has_bias: bool = False
-
-    @property
-    def weights(self) -> int:
-        return self.groups * self.rows * self.cols
-
-    @property
-    def macs(self) -> float:
-        """Dense multiply-accumulates per sample."""
-        return self.weights * self.positions
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "groups": self.groups, "rows": self.rows,
-                "cols": self.cols, "taps": self.taps, "positions": self.positions, "has_bias": self.has_bias}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "LayerGeometry":
-        return cls(**{k: d[k] for k in ("name", "kind", "groups", "rows", "cols", "taps", "positions", "has_bias")})
 
 
 def configuration_recipe(choice: Mapping[str, Any], *, activation_bits: Optional[int] = None,
