@@ -23,18 +23,8 @@ from .model.calibration import calibration_batches, collect_hessians, count_samp
 from .model.corrections import norm_statistics, reestimate_batchnorm, statistics_correction
 from .model.layers import LayerInfo, find_layers, set_weight_groups, weight_groups
 from .recipe import LayerScheme, Recipe
-from .solvers import (
-    QuantGrid,
-    SolverResult,
-    exact_obs_prune,
-    gptq_quantize,
-    layer_loss,
-    magnitude_prune,
-    obq_quantize,
-    parse_mask_structure,
-    rtn_quantize,
-    sparsegpt_prune,
-)
+from .solvers import QuantGrid, SolverResult, parse_mask_structure
+from .solvers.registry import get_solver
 
 
 @dataclass
@@ -109,47 +99,17 @@ def _grid(W: torch.Tensor, scheme: LayerScheme) -> Optional[QuantGrid]:
 
 
 def solve_layer(W: torch.Tensor, H: torch.Tensor, scheme: LayerScheme, columns_last: Optional[int]) -> SolverResult:
-    """Compress one (group of a) layer's weight as ``scheme`` says; the result's loss is measured.
+    """Compress one (group of a) layer's weight as ``scheme`` says, with the registered solver it
+    names (solvers.registry); the result's loss is measured.
 
     The grid is always fitted on the dense weight: a least-squares re-fit on a sparse support
     stretches a row's range, and a grid fitted on the stretched row is coarser.
     """
-    sp = scheme.sparsity
-    grid = _grid(W, scheme)
-    if scheme.solver in ("exact", "best"):
-        pruned = None
-        if sp is not None:
-            pruned = exact_obs_prune(W, H, sp.sparsity, sp.mask_structure, columns_last=columns_last,
-                                     damp=scheme.damp)
-        if grid is None:
-            return pruned
-        result = obq_quantize(W, H, grid, mask=None if pruned is None else pruned.mask, damp=scheme.damp)
-        if pruned is not None:
-            result.method = "obs+obq"  # joint OBC: the ExactOBS mask, then OBQ on the kept weights
-        elif scheme.solver == "best":
-            # Greedy OBQ is not always the lowest loss (GPTQ with act-order often is, e.g. on
-            # MiniLM's ill-conditioned layers); both are cheap to measure on the same H, keep the lower.
-            alt = gptq_quantize(W, H, grid, act_order=True, damp=0.01 if scheme.damp == "auto" else scheme.damp)
-            if alt.loss < result.loss:
-                alt.method = "gptq-act"
-                return alt
-        return result
-    # "auto" means what the fixed-order solvers' authors use: 1 % of the mean diagonal.
-    damp = 0.01 if scheme.damp == "auto" else scheme.damp
-    if scheme.solver == "gptq":
-        return gptq_quantize(W, H, grid, act_order=scheme.quantization.act_order, damp=damp)
-    if scheme.solver == "sparsegpt":
-        return sparsegpt_prune(W, H, sp.sparsity, sp.mask_structure, grid=grid, damp=damp, columns_last=columns_last)
-    if scheme.solver == "magnitude":
-        pruned = magnitude_prune(W, sp.sparsity, sp.mask_structure, H=H, columns_last=columns_last)
-        if grid is None:
-            return pruned
-        q = rtn_quantize(pruned.weight, grid, H=H)
-        return SolverResult(weight=q.weight, loss=layer_loss(W, q.weight, H), mask=pruned.mask, grid=grid,
-                            method="magnitude+rtn", seconds=pruned.seconds + q.seconds)
-    if scheme.solver == "rtn":
-        return rtn_quantize(W, grid, H=H)
-    raise ValueError(f"unknown solver {scheme.solver!r}")
+    q, sp = scheme.quantization, scheme.sparsity
+    return get_solver(scheme.solver).solve(
+        W, H, grid=_grid(W, scheme), mask_structure=None if sp is None else sp.mask_structure,
+        sparsity=None if sp is None else sp.sparsity, columns_last=columns_last, damp=scheme.damp,
+        act_order=q is not None and q.act_order)
 
 
 def compress(

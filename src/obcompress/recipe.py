@@ -5,7 +5,8 @@ A recipe is a YAML document or a dict::
     targets: [Linear, Conv2d]        # optional (default: every compressible layer); class names,
                                      # exact module names or "re:<regex>" (fullmatch on the module name)
     ignore: ["re:.*classifier.*", conv1]
-    solver: exact                    # exact | gptq | sparsegpt | magnitude | rtn
+    solver: exact                    # exact | best | gptq | sparsegpt | magnitude | rtn: the solvers
+                                     # registry (obcompress.solvers.registry) and what each can do
     quantization:                    # optional
       num_bits: 4                    # 2..8
       symmetric: true
@@ -57,6 +58,8 @@ from .checks import (
     parse_mask_structure,
     selector_matches,
 )
+from .solvers.registry import SOLVERS as SOLVER_REGISTRY
+from .solvers.registry import solvers_that
 
 __all__ = [
     "ActivationScheme",
@@ -68,12 +71,10 @@ __all__ = [
     "SparsityScheme",
 ]
 
-SOLVERS = ("exact", "best", "gptq", "sparsegpt", "magnitude", "rtn")
+# The solvers a recipe can name: the registry's (solvers.registry), which says what each can do.
+SOLVERS = tuple(SOLVER_REGISTRY)
 STRATEGIES = ("tensor", "channel", "group")
 CALIBRATION_MODES = ("parallel", "sequential")
-# Which sections each solver can act on; "exact" is OBQ, ExactOBS or their joint form.
-_NEEDS_QUANT = ("rtn", "gptq")
-_NEEDS_SPARSITY = ("magnitude", "sparsegpt")
 
 _TOP_KEYS = ("targets", "ignore", "solver", "quantization", "sparsity", "damp", "calibration",
              "corrections", "layers")
@@ -416,22 +417,49 @@ class LayerScheme:
 
 def _check_combination(solver: str, q: Optional[QuantizationScheme], s: Optional[SparsityScheme],
                        where: str) -> None:
-    """What each solver can do with the sections present (an empty scheme is left to the caller)."""
-    if q is not None and q.act_order and solver != "gptq":
-        raise _fail(f"{where}quantization.act_order is only supported by solver 'gptq', not {solver!r}")
+    """What the solver can do with the sections present, as the registry says (an empty scheme is
+    left to the caller)."""
+    spec = SOLVER_REGISTRY[solver]
+    if q is not None and q.act_order and not spec.act_order:
+        raise _fail(f"{where}quantization.act_order is only supported by solver "
+                    f"{_names(solvers_that(act_order=True))}, not {solver!r}")
     if q is None and s is None:
         return
-    if solver in _NEEDS_QUANT:
-        if q is None:
-            raise _fail(f"{where}solver {solver!r} needs a quantization section")
-        if s is not None:
-            raise _fail(f"{where}solver {solver!r} cannot prune: remove the sparsity section, "
-                        "or use solver 'exact' or 'sparsegpt' (or 'magnitude') to prune")
-    if solver in _NEEDS_SPARSITY and s is None:
-        raise _fail(f"{where}solver {solver!r} needs a sparsity section")
-    if solver == "sparsegpt" and s is not None and s.structure.kind == "block":
-        raise _fail(f"{where}solver 'sparsegpt' does not support block masks ({s.mask_structure}); "
-                    "use solver 'exact' or 'magnitude'")
+    missing = _missing_section(spec, q is not None, s is not None)
+    if missing:
+        raise _fail(f"{where}solver {solver!r} needs a {missing} section")
+    if s is not None and not spec.prunes:
+        raise _fail(f"{where}solver {solver!r} cannot prune: remove the sparsity section, or use solver "
+                    f"{_names(solvers_that('prune'))} to prune")
+    if q is not None and not spec.quantizes:
+        raise _fail(f"{where}solver {solver!r} cannot quantize: remove the quantization section, or use solver "
+                    f"{_names(solvers_that('quantize'))} to quantize")
+    if q is not None and s is not None and not spec.joint:
+        raise _fail(f"{where}solver {solver!r} cannot prune and quantize at once: use solver "
+                    f"{_names(solvers_that('joint'))}")
+    kind = s.structure.kind if s is not None else None
+    if kind is not None and kind not in spec.structures:
+        others = [n for n, o in SOLVER_REGISTRY.items() if kind in o.structures]
+        raise _fail(f"{where}solver {solver!r} does not support {_KIND_NAMES[kind]} masks ({s.mask_structure}); "
+                    f"use solver {_names(others)}")
+
+
+_KIND_NAMES = {"unstructured": "unstructured", "nm": "N:M", "block": "block"}
+
+
+def _missing_section(spec, quantization: bool, sparsity: bool) -> Optional[str]:
+    """The section a solver cannot do without: a quantizer that cannot prune needs quantization, a
+    pruner that cannot quantize alone needs sparsity."""
+    if not spec.prunes and not quantization:
+        return "quantization"
+    if "quantize" not in spec.modes and not sparsity:
+        return "sparsity"
+    return None
+
+
+def _names(names: Sequence[str]) -> str:
+    names = [repr(n) for n in names]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
 def _scheme_from_dict(d: Mapping, where: str) -> LayerScheme:
@@ -509,10 +537,10 @@ class Recipe:
             merged = _scheme_from_dict(_merge(self._base_dict(), over), where)
             compresses = compresses or merged.compresses
         if not compresses:
-            if self.solver in _NEEDS_QUANT and self.quantization is None:
-                raise _fail(f"solver {self.solver!r} needs a quantization section")
-            if self.solver in _NEEDS_SPARSITY and self.sparsity is None:
-                raise _fail(f"solver {self.solver!r} needs a sparsity section")
+            missing = _missing_section(SOLVER_REGISTRY[self.solver], self.quantization is not None,
+                                       self.sparsity is not None)
+            if missing:
+                raise _fail(f"solver {self.solver!r} needs a {missing} section")
             raise _fail("compresses nothing: give a quantization section and/or a sparsity section with "
                         "sparsity > 0 (at the top level or in layers overrides)")
 
