@@ -142,3 +142,15 @@ def test_search_fit_on_a_model_without_logits_uses_its_fisher_task(cache, capsys
     assert set(recipe["targets"]) <= {"0", "2"} and recipe["targets"]
     assert main(["compress", "--model", f"{spec}:factory", "--recipe", str(out / "recipe.yaml"), "--out",
                  str(cache / "art"), "--calibration-samples", "256", "--no-progress"]) == 0
+
+
+def test_compress_help_lists_the_solver_registry(capsys):
+    from obcompress.solvers.registry import SOLVERS
+
+    with pytest.raises(SystemExit) as e:
+        main(["compress", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    listed = text.split("obcompress.solvers.registry):", 1)[1].split()
+    for name, spec in SOLVERS.items():
+        assert name in listed and spec.summary in " ".join(text.split()), name

@@ -90,7 +90,7 @@ def test_cli_version_and_errors(capsys, monkeypatch, tmp_path):
 
 
 def test_model_demo_writes_an_artifact_and_a_table(tmp_path, monkeypatch):
-    from obcompress.model_demo import run_model_demo
+    from obcompress.demo import run_model_demo
 
     monkeypatch.setenv("OBCOMPRESS_CACHE", str(tmp_path / "cache"))
     out = io.StringIO()

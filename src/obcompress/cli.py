@@ -11,12 +11,17 @@ from obcompress.files import write_text
 from obcompress.zoo import ZooUnavailable
 
 
+def _indent(text: str) -> str:
+    return "\n".join("  " + line for line in text.splitlines())
+
+
 def _csv(text: str) -> list:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:
     from obcompress.demo import METHOD_KEYS
+    from obcompress.solvers.registry import describe
 
     parser = argparse.ArgumentParser(
         prog="obcompress",
@@ -38,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     comp = sub.add_parser("compress", help="compress a model with a recipe and write an artifact",
                           description="Compress MODEL (a zoo name or path/to/file.py:factory) as RECIPE says, "
-                                      "evaluate it and write the artifact to --out.")
+                                      "evaluate it and write the artifact to --out.",
+                          epilog="solvers (the recipe's `solver:`; obcompress.solvers.registry):\n" + _indent(describe()),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
     comp.add_argument("--model", required=True, metavar="M", help="zoo name (digits-cnn, efficientnet-lite0, "
                       "minilm) or path/to/file.py:factory returning (model, calibration data, evaluate)")
     comp.add_argument("--recipe", required=True, metavar="R", help="recipe YAML file (or YAML text)")
@@ -81,8 +88,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 2
     if args.command == "demo":
-        from obcompress.demo import run_demo
-        from obcompress.model_demo import run_model_demo
+        from obcompress.demo import run_demo, run_model_demo
 
         try:
             # The per-layer part first: it checks its options before any training.

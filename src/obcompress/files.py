@@ -110,18 +110,18 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
         for p in tmp.iterdir():
             if p.is_file():
                 _fsync(p)
-        if not path.exists():
-            os.replace(tmp, path)
-            return
-        # rename(2) cannot replace a non-empty directory: the old one goes aside first.
-        old = _sibling(path, "old")
-        os.replace(path, old)
+        # rename(2) cannot replace a non-empty directory: an old one goes aside first.
+        old = _sibling(path, "old") if path.exists() else None
+        if old is not None:
+            os.replace(path, old)
         try:
             os.replace(tmp, path)
         except BaseException:
-            os.replace(old, path)
+            if old is not None:
+                os.replace(old, path)
             raise
-        shutil.rmtree(old, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
