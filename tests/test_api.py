@@ -73,6 +73,9 @@ def test_reported_loss_is_the_measured_layer_loss(recipe):
             assert (W[~state.mask] == 0).all()
             assert r.sparsity == pytest.approx(1 - state.mask.float().mean().item())
     assert "total loss" in result.table()
+    # every layer says which step engine its solver ran on, and the table sums it up
+    engines = {r.engine for r in result.layers}
+    assert engines <= {"native", "torch"} and f"solver engine {'+'.join(sorted(engines))}" in result.table()
 
 
 def test_structure_of_joint_2_4_and_4_bit():

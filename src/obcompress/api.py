@@ -40,6 +40,7 @@ class LayerReport:
     loss: float
     seconds: float
     damp: float
+    engine: str = "torch"  # the solver's step engine: "native" (the fused C kernel) or "torch"
 
 
 @dataclass
@@ -78,8 +79,9 @@ class Result:
             lines.append(f"{r.name:<32} {shape:>14} {r.method:>10} {r.sparsity:>8.3f} {bits:>4} {r.loss:>11.4g} "
                          f"{r.seconds:>7.2f}")
         total = sum(r.loss for r in self.layers)
+        engines = "+".join(sorted({e for r in self.layers for e in r.engine.split("+")}))
         lines.append(f"{len(self.layers)} layers, total loss {total:.4g}, {self.seconds:.1f} s, "
-                     f"{self.calibration_samples} calibration samples")
+                     f"{self.calibration_samples} calibration samples, solver engine {engines}")
         return "\n".join(lines)
 
 
@@ -219,7 +221,7 @@ def _compress_layer(name: str, info: LayerInfo, H: torch.Tensor, scheme: LayerSc
     Hg = H if H.dim() == 3 else H.unsqueeze(0)
     columns_last = info.taps if info.taps > 1 else None
     out = torch.empty_like(Wg)
-    loss, kept, damp, method = 0.0, 0, 0.0, scheme.solver
+    loss, kept, damp, method, engines = 0.0, 0, 0.0, scheme.solver, set()
     grids, masks = [], []
     for g in range(Wg.shape[0]):
         try:
@@ -234,6 +236,7 @@ def _compress_layer(name: str, info: LayerInfo, H: torch.Tensor, scheme: LayerSc
         kept += int(res.mask.sum()) if res.mask is not None else Wg[g].numel()
         damp = max(damp, res.damp)
         method = res.method or method
+        engines.add(res.info["engine"])
     set_weight_groups(info, out)
     mask = None if all(m is None for m in masks) else torch.stack(
         [m if m is not None else torch.ones_like(out[0], dtype=torch.bool) for m in masks])
@@ -249,5 +252,6 @@ def _compress_layer(name: str, info: LayerInfo, H: torch.Tensor, scheme: LayerSc
         loss=loss,
         seconds=0.0,
         damp=damp,
+        engine="+".join(sorted(engines)),
     )
     return report, state

@@ -196,6 +196,9 @@ def _report(args) -> int:
               f"{b.get('stored', 0):>10,d} {b.get('fp32', 0):>10,d}")
     print(f"artifact {report['artifact_bytes']:,d} bytes on disk, fp32 {report['fp32_bytes']:,d} bytes "
           f"({report['compression_ratio']}x smaller); format version {config['format_version']}")
+    engines = sorted({e for r in report.get("layers", []) for e in str(r.get("engine", "")).split("+") if e})
+    if engines:
+        print(f"solver engine: {'+'.join(engines)}")
     if report.get("metrics"):
         _print_metrics("metrics", report["metrics"])
     return 0

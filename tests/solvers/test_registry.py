@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from obcompress.checks import parse_mask_structure
-from obcompress.solvers import QuantGrid, layer_loss, num_pruned
+from obcompress.solvers import QuantGrid, _native, layer_loss, num_pruned
 from obcompress.solvers.hessian import hessian
 from obcompress.solvers.registry import SOLVERS, SolverSpec, describe, get_solver, register, solvers_that
 
@@ -76,6 +76,9 @@ def test_conformance(name, kind, grid_kind, columns_last, dtype, engine, monkeyp
 
     # reported loss = measured loss, against the H given
     assert math.isclose(res.loss, layer_loss(W, res.weight, H), rel_tol=1e-9, abs_tol=1e-12)
+    # the engine that ran: the exact solvers' greedy loop on the fused kernel or in torch
+    native = engine == "native" and _native.kernel() is not None and name in ("exact", "best")
+    assert res.info["engine"] == ("native" if native else "torch") or res.method == "gptq-act"
     # dtype, shape and device of the input
     assert res.weight.dtype == W.dtype and res.weight.shape == W.shape and res.weight.device == W.device
     assert torch.isfinite(res.weight).all()

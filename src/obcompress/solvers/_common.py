@@ -34,7 +34,9 @@ class SolverResult:
 
     ``weight`` has the shape and dtype of the input W; ``mask`` is True where a weight is kept
     (None when nothing was pruned); ``loss`` is ``layer_loss(W, weight, H)`` with the H given
-    (undamped); ``grid`` is the quantization grid used (None for pure pruning).
+    (undamped); ``grid`` is the quantization grid used (None for pure pruning). ``info`` holds
+    what the solver reports of how it ran; ``info["engine"]`` is always there: "native" when the
+    exact solvers' greedy loop ran on the fused C kernel, else "torch".
     """
 
     weight: torch.Tensor
@@ -45,6 +47,9 @@ class SolverResult:
     damp: float = 0.0
     seconds: float = 0.0
     info: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.info.setdefault("engine", "torch")
 
     @property
     def sparsity(self) -> float:

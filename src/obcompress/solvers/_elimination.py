@@ -69,6 +69,8 @@ class Trajectory:
     # Weights of the coordinates still alive when the run stopped (zero elsewhere): the re-fitted
     # row for a run that stops early (N:M), in the loop's precision.
     final: Optional[torch.Tensor] = None  # (rows, cols)
+    # The step engine the loop ran on: "native" (the fused C kernel) or "torch".
+    engine: str = "torch"
 
 
 def _with_identity_slots(M: torch.Tensor, extra: int) -> torch.Tensor:
@@ -453,7 +455,8 @@ def greedy_single(W64, H64, Hinv64, policy, *, keep=None, dtype=torch.float32, e
             final[rows] = torch.zeros(n, d, dtype=torch.float64, device=W64.device).scatter_add_(1, ch.idx, alive_w)
 
     _for_chunks(chunks, run, per * d * d, dtype, W64.device, parallel=lib is not None)
-    return Trajectory(order=order, losses=losses, values=values, final=final)
+    return Trajectory(order=order, losses=losses, values=values, final=final,
+                      engine="native" if lib is not None else "torch")
 
 
 def _ptr(t: Optional[torch.Tensor]) -> int:
@@ -638,7 +641,7 @@ def block_trajectory(W64, Hinv64, block: int, dtype=torch.float32) -> Trajectory
                 dblk = _diag_blocks(ch.A, c)
 
     _for_chunks(chunks, run, per * d * d, dtype, W64.device, parallel=lib is not None)
-    return Trajectory(order=order, losses=losses)
+    return Trajectory(order=order, losses=losses, engine="native" if lib is not None else "torch")
 
 
 def _native_block_steps(lib, ch, c, nb, dblk):

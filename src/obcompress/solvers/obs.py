@@ -216,6 +216,7 @@ def exact_obs_database(
             db._final[redo] = refit_on_support(Wp[redo], Hp, Hinvp, keep)
         db.info["refit_rows"] = int(redo.numel())
     db.info["loop_dtype"] = str(dtype).replace("torch.", "")
+    db.info["engine"] = traj.engine
     db.seconds = time.perf_counter() - t0
     return db
 
