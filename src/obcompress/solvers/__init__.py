@@ -1,4 +1,6 @@
-"""Pure layer solvers on (W, H): no nn.Module, no I/O, any device.
+"""Pure layer solvers on (W, H): no nn.Module, any device, and no I/O but one: where no installed
+fused kernel fits the machine, the exact solvers build it at first use into the cache (_native).
+``registry`` names the solvers a recipe can use and what each can do.
 
 W is a layer's weight as rows x cols (a conv weight flattened with ``flatten(1)``), H = 2 X X^T / n
 the Hessian of the layer-wise objective ||W X - W_hat X||^2 / n over its inputs X (cols x n).
