@@ -15,13 +15,16 @@ ROWS, COLS, TAPS = 8, 16, 4  # a conv of 4 input channels x 4 taps where columns
 STRUCTURES = {"unstructured": ("unstructured", 0.5), "nm": ("2:4", None), "block": ("block:4", 0.5)}
 
 
-def _problem(dtype=torch.float32, seed=0):
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _problem(dtype=torch.float32, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(256, COLS, generator=g, dtype=torch.float64) @ (torch.eye(COLS, dtype=torch.float64)
                                                                     + 0.3 * torch.randn(COLS, COLS, generator=g,
                                                                                         dtype=torch.float64))
     W = torch.randn(ROWS, COLS, generator=g).to(dtype)
-    return W, hessian(X)
+    return W.to(device), hessian(X).to(device)
 
 
 GRIDS = {
@@ -32,7 +35,8 @@ GRIDS = {
 
 def _cases():
     """Every (solver, mode, structure, grid) it declares, in float32; the greedy solvers, which have
-    two step engines (the fused C kernel and torch), on both; float64 once per solver and mode."""
+    two step engines (the fused C kernel and torch), on both; float64, and a GPU where there is one,
+    once per solver and mode."""
     for name, spec in SOLVERS.items():
         engines = ("native", "torch") if name in ("exact", "best") else ("native",)
         for mode in sorted(spec.modes):
@@ -44,12 +48,15 @@ def _cases():
                     for columns_last in ((None, TAPS) if kind == "nm" else (None,)):
                         parts = [name, mode, STRUCTURES[kind][0] if kind else None, grid,
                                  f"cl{columns_last}" if columns_last else None]
-                        dtypes = (torch.float32, torch.float64) if first else (torch.float32,)
+                        variants = [(torch.float32, "cpu")]
+                        if first:
+                            variants += [(torch.float64, "cpu")] + [(torch.float32, d) for d in DEVICES[1:]]
                         first = False
-                        for dtype in dtypes:
-                            for engine in engines:
-                                yield pytest.param(name, kind, grid, columns_last, dtype, engine,
-                                                   id="-".join(p for p in parts + [str(dtype)[6:], engine] if p))
+                        for dtype, device in variants:
+                            for engine in engines if device == "cpu" else ("torch",):
+                                tag = [str(dtype)[6:], engine] + ([device] if device != "cpu" else [])
+                                yield pytest.param(name, kind, grid, columns_last, dtype, engine, device,
+                                                   id="-".join(p for p in parts + tag if p))
 
 
 def _solve(name, W, H, kind, grid_kind, columns_last):
@@ -65,19 +72,19 @@ def _in_solver_order(M, columns_last):
     return M.reshape(M.shape[0], COLS // columns_last, columns_last).transpose(1, 2).reshape(M.shape[0], COLS)
 
 
-@pytest.mark.parametrize("name,kind,grid_kind,columns_last,dtype,engine", list(_cases()))
-def test_conformance(name, kind, grid_kind, columns_last, dtype, engine, monkeypatch):
+@pytest.mark.parametrize("name,kind,grid_kind,columns_last,dtype,engine,device", list(_cases()))
+def test_conformance(name, kind, grid_kind, columns_last, dtype, engine, device, monkeypatch):
     if engine == "torch":
         monkeypatch.setenv("OBCOMPRESS_NATIVE", "0")
     else:
         monkeypatch.delenv("OBCOMPRESS_NATIVE", raising=False)
-    W, H = _problem(dtype)
+    W, H = _problem(dtype, device=device)
     res = _solve(name, W, H, kind, grid_kind, columns_last)
 
     # reported loss = measured loss, against the H given
     assert math.isclose(res.loss, layer_loss(W, res.weight, H), rel_tol=1e-9, abs_tol=1e-12)
     # the engine that ran: the exact solvers' greedy loop on the fused kernel or in torch
-    native = engine == "native" and _native.kernel() is not None and name in ("exact", "best")
+    native = engine == "native" and device == "cpu" and _native.kernel() is not None and name in ("exact", "best")
     assert res.info["engine"] == ("native" if native else "torch") or res.method == "gptq-act"
     # dtype, shape and device of the input
     assert res.weight.dtype == W.dtype and res.weight.shape == W.shape and res.weight.device == W.device
