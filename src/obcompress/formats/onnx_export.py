@@ -51,6 +51,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from ..checks import check_bool, check_int
 from ..files import write_bytes
 from ..model import activations as _activations
 from ..model.activations import ActivationQuantizer, quantizers_from_dict
@@ -107,8 +108,7 @@ def _check_common(model, path, opset) -> Tuple[Path, int]:
     import onnx
 
     newest = onnx.defs.onnx_opset_version()
-    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
-        raise ValueError(f"opset must be an integer in {MIN_OPSET}..{newest} (the installed onnx), got {opset!r}")
+    opset = check_int(opset, f"opset (of the installed onnx's {MIN_OPSET}..{newest})", MIN_OPSET, newest)
     return path, opset
 
 
@@ -369,8 +369,7 @@ def export_onnx(
     path, opset = _check_common(model, path, opset)
     if weight_format not in WEIGHT_FORMATS:
         raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
-    if not isinstance(activations, bool):
-        raise ValueError(f"activations must be true or false, got {activations!r}")
+    check_bool(activations, "activations")
     if fold_batchnorm is not None and not isinstance(fold_batchnorm, bool):
         raise ValueError(f"fold_batchnorm must be true, false or None (on for W+A exports), got {fold_batchnorm!r}")
     if (result is None) == (artifact_dir is None):
