@@ -22,6 +22,9 @@ def test_kernel_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("OBCOMPRESS_NATIVE", "0")
     assert _native.kernel() is None
     assert _native.status() == {"engine": "torch", "reason": "OBCOMPRESS_NATIVE=0"}
+    from obcompress.solvers import kernel_status
+
+    assert kernel_status() == _native.status()
 
 
 def test_a_library_for_another_cpu_or_source_is_not_used():

@@ -8,6 +8,7 @@ Every solver returns a SolverResult whose ``loss`` is ``layer_loss(W, result.wei
 """
 
 from ._common import MaskStructure, SolverResult, layer_loss, num_pruned, parse_mask_structure, prepare_layer
+from ._native import status as kernel_status
 from .baselines import magnitude_prune, rtn_quantize
 from .gptq import gptq_quantize, sparsegpt_prune
 from .grid import QuantGrid
@@ -26,6 +27,7 @@ __all__ = [
     "exact_obs_prune",
     "gptq_quantize",
     "hessian",
+    "kernel_status",
     "layer_loss",
     "magnitude_prune",
     "num_pruned",
