@@ -83,6 +83,37 @@ def test_search_build_resume_select_sweep_report(cache, capsys):
     assert e.value.code == 2 and "cannot be reached" in capsys.readouterr().err
 
 
+def test_search_budgets_say_what_they_are_for_the_whole_model(cache, capsys):
+    import struct
+
+    space = cache / "space.yaml"
+    space.write_text("variants: [w8, w4, w2]\n")
+    db = cache / "db"
+    args = ["--model", "digits-cnn", "--db", str(db), "--calibration-samples", "128", "--no-progress"]
+    # fc1 holds 74,000 of the 94,000 weights: left out, the rest of the model stays large
+    assert main(["search", "build", *args, "--space", str(space), "--ignore", "fc1"]) == 0
+    recipe = cache / "r.yaml"
+    assert main(["search", "select", *args, "--goal", "size=1/8", "--out", str(recipe)]) == 0
+    text = capsys.readouterr().out
+    line = next(s for s in text.splitlines() if "on the whole model" in s)
+    searched, whole = (float(part.split("x ")[0].split()[-1]) for part in line.split(", ")[:2])
+    assert "on the 3 searched layers" in line and searched >= 8 and whole < 1.5
+    assert recipe.read_text().startswith(f"# dp at size=1/8: {line.split(' (')[0]}")
+    # what the artifact really weighs: fp32 size over its tensor bytes (JSON files and header aside)
+    assert main(["compress", "--model", "digits-cnn", "--recipe", str(recipe), "--out", str(cache / "art"),
+                 "--calibration-samples", "128", "--no-progress"]) == 0
+    fp32 = int(capsys.readouterr().out.split("fp32 ")[1].split(" bytes")[0].replace(",", ""))
+    blob = (cache / "art" / "model.safetensors").read_bytes()
+    tensor_bytes = len(blob) - 8 - struct.unpack("<Q", blob[:8])[0]
+    assert f"{fp32 / tensor_bytes:.2f}" == f"{whole:.2f}"
+    sweep = cache / "sweep"
+    assert main(["search", "sweep", *args, "--goals", "size=1/8", "--methods", "dp", "--out", str(sweep)]) == 0
+    assert f"reached {searched:.2f}x on the searched layers, {whole:.2f}x on the whole model" in capsys.readouterr().out
+    assert main(["report", str(sweep)]) == 0
+    row = next(s for s in capsys.readouterr().out.splitlines() if s.startswith("size 8x"))
+    assert row.split()[-2:] == [f"{searched:.2f}x", f"{whole:.2f}x"]
+
+
 def test_search_fit_writes_recipe_and_path(cache, capsys):
     out = cache / "fit"
     assert main(["search", "fit", "--model", "digits-cnn", "--goal", "size=1/10", "--out", str(out),
@@ -91,6 +122,11 @@ def test_search_fit_writes_recipe_and_path(cache, capsys):
     assert "rtn (" in text and "FIT" in text
     doc = json.loads((out / "fit_path.json").read_text())
     assert doc["reduction"] >= 10 * (1 - 1e-9) and doc["path"][0]["fit"] <= doc["path"][-1]["fit"]
+    # the goal counts the searched layers' weights; the whole model adds its biases (234 floats)
+    whole = doc["whole_model"]
+    rest = 8 * 4 * (32 + 64 + 128 + 10)
+    assert whole["whole_reduction"] == pytest.approx((rest + doc["dense_cost"]) / (rest + doc["cost"]))
+    assert f"{doc['reduction']:.2f}x on the 4 searched layers, {whole['whole_reduction']:.2f}x on the whole model" in text
     assert (out / "fit_path.png").read_bytes()[:4] == b"\x89PNG" and (out / "recipe.yaml").exists()
     with pytest.raises(SystemExit) as e:
         main(["search", "fit", "--model", "digits-cnn", "--goal", "size=1/1000", "--out", str(out), "--apply", "none",

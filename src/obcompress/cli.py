@@ -170,6 +170,9 @@ def _report(args) -> int:
     from obcompress.search.sweep import SWEEP_FILE, write_sweep_plots
 
     if (directory / SWEEP_FILE).exists():
+        from obcompress.search.sweep import read_sweep, sweep_table
+
+        print(sweep_table(read_sweep(directory)))
         for p in write_sweep_plots(directory):
             print(f"wrote {p}")
         return 0
@@ -376,7 +379,13 @@ def _search(args, parser) -> int:
         recipe = cfg.recipe(db, activation_bits=act if goal.cost.name == "bops" else None)
         if args.correction in RECIPE_CORRECTIONS:
             recipe["corrections"] = dict(RECIPE_CORRECTIONS[args.correction])
+        # The goal counts the searched layers only: say what that is for the whole model.
+        from obcompress.search.whole_model import WholeModel
+
+        rest = WholeModel(goal.cost, entry.model, db.names, batches)
+        whole = rest.of(cfg.cost, cfg.dense_cost)
         with open(args.out, "w", encoding="utf-8") as f:
+            f.write(f"# {cfg.method} at {args.goal}: {whole.summary()}\n# {rest.describe()}\n")
             yaml.safe_dump(recipe, f, sort_keys=False)
         print(f"{'layer':<40} {'variant':>14} {'score':>10}")
         for n, v in cfg.choice.items():
@@ -384,6 +393,7 @@ def _search(args, parser) -> int:
             print(f"{n:<40} {v.key:>14} {db.layers[n].score(v.key, kind):>10.4g}")
         print(f"{cfg.method}: {goal.cost.name} {cfg.cost:.4g} of dense {cfg.dense_cost:.4g} ({cfg.reduction:.2f}x), "
               f"total score {cfg.score:.4g}; recipe written to {args.out}")
+        print(f"{whole.summary()} ({rest.describe()})")
         if args.eval:
             m = entry.model
             db.apply(m, cfg.choice)
@@ -431,16 +441,27 @@ def _search_fit(args, entry, progress) -> int:
         cut = len(task.prefix)
         recipe["targets"] = [n[cut:] for n in recipe["targets"]]
         recipe["layers"] = {n[cut:]: v for n, v in recipe["layers"].items()}
-    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    # The goal counts the searched layers only: the whole model's figure beside it, costed on the
+    # user's own model (a FisherTask's head is not part of what `compress` writes).
+    from obcompress.model.calibration import calibration_batches
+    from obcompress.search.whole_model import WholeModel
+
+    cut = len(task.prefix) if task is not None else 0
+    rest = WholeModel(path.goal.cost, entry.model, [n[cut:] for n in path.choice],
+                      calibration_batches(entry.calibration, args.calibration_samples))
+    whole = rest.of(path.cost, path.dense_cost)
+    (out / "recipe.yaml").write_text(f"# FITCompress at {args.goal}: {whole.summary()}\n# {rest.describe()}\n"
+                                     + yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     write_path_report(path, out, {"fisher_seconds": r["fisher_seconds"], "search_seconds": r["search_seconds"],
                                   "fisher_batches": r["fisher_batches"], "dense": dense,
-                                  "results": r["results"]})
+                                  "results": r["results"], "whole_model": {**whole.to_dict(), "counts": rest.describe()}})
     print(f"{'layer':<40} {'variant':>14}")
     for n, v in path.choice.items():
         print(f"{n:<40} {v.key:>14}")
     print(f"FIT {path.fit:.4g} after {len(path.path) - 1} steps ({path.expansions} expansions); "
           f"{path.goal.cost.name} {path.reduction:.2f}x; Fisher {r['fisher_seconds']:.1f} s "
           f"({r['fisher_batches']} batches), search {r['search_seconds']:.2f} s")
+    print(f"{whole.summary()} ({rest.describe()})")
     if dense is not None:
         _print_metrics("dense", dense)
     for how, res in r["results"].items():

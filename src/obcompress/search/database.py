@@ -637,6 +637,8 @@ def load_database(directory: Union[str, os.PathLike], model: Optional[nn.Module]
                                  f"{m['shape']} there, {[info.groups, info.rows, info.cols]} here")
             if weight_hash(info) != m["weight_hash"]:
                 raise ValueError(f"the database at {directory} was built for other weights: layer {name} differs")
+        # The model's order, as the build had it (the manifest's JSON keeps its names sorted).
+        names = [n for n in found if n in manifest["model"]]
     paths = {name: directory / LAYER_DIR / f"{_safe_name(name)}.safetensors" for name in names}
     done = {}
     for name in names:
