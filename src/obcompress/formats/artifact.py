@@ -445,6 +445,8 @@ def _report(result, config, fp32: int, other_bytes: int) -> bytes:
         "calibration_samples": getattr(result, "calibration_samples", None),
         "seconds": getattr(result, "seconds", None),
         "metrics": getattr(result, "metrics", None),
+        # layers the recipe selected but left unpruned because its mask structure does not fit them
+        "unfit": dict(getattr(result, "unfit", {}) or {}),
         "layer_bytes": {n: {"stored": e["bytes"]["total"], "fp32": e["fp32_bytes"], "storage": e["storage"]}
                         for n, e in config["layers"].items()},
         "weights_file_bytes": config["weights_bytes"],
