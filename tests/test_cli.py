@@ -142,3 +142,17 @@ def test_search_fit_on_a_model_without_logits_uses_its_fisher_task(cache, capsys
     assert set(recipe["targets"]) <= {"0", "2"} and recipe["targets"]
     assert main(["compress", "--model", f"{spec}:factory", "--recipe", str(out / "recipe.yaml"), "--out",
                  str(cache / "art"), "--calibration-samples", "256", "--no-progress"]) == 0
+
+
+def test_report_refuses_a_damaged_artifact(cache, capsys):
+    recipe = cache / "r.yaml"
+    recipe.write_text("solver: rtn\nquantization:\n  num_bits: 4\n")
+    out = cache / "art"
+    assert main(["compress", "--model", "digits-cnn", "--recipe", str(recipe), "--out", str(out),
+                 "--calibration-samples", "64", "--no-progress"]) == 0
+    capsys.readouterr()
+    w = out / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:-64])
+    with pytest.raises(SystemExit) as e:
+        main(["report", str(out)])
+    assert e.value.code == 2 and "truncated" in capsys.readouterr().err

@@ -164,7 +164,7 @@ def _report(args) -> int:
     import json
     from pathlib import Path
 
-    from obcompress.formats import read_config
+    from obcompress.formats import verify
 
     directory = Path(args.directory)
     from obcompress.search.sweep import SWEEP_FILE, write_sweep_plots
@@ -173,7 +173,8 @@ def _report(args) -> int:
         for p in write_sweep_plots(directory):
             print(f"wrote {p}")
         return 0
-    config = read_config(directory)
+    # The stored figures are only true of the files they describe: check those first.
+    config = verify(directory)
     try:
         report = json.loads((directory / "report.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -189,6 +190,8 @@ def _report(args) -> int:
               f"{b.get('stored', 0):>10,d} {b.get('fp32', 0):>10,d}")
     print(f"artifact {report['artifact_bytes']:,d} bytes on disk, fp32 {report['fp32_bytes']:,d} bytes "
           f"({report['compression_ratio']}x smaller); format version {config['format_version']}")
+    for name, why in (report.get("unfit") or {}).items():
+        print(f"not pruned (unfit_layers: dense): {name}: {why}")
     if report.get("metrics"):
         _print_metrics("metrics", report["metrics"])
     return 0

@@ -227,3 +227,15 @@ def test_corrupted_metadata_numbers_are_detected(tmp_path):
     victim.write_bytes(raw[:i] + (b"1" if raw[i:i + 1] != b"1" else b"2") + raw[i + 1:])
     with pytest.raises(ValueError, match="layer fc2: database file .* is corrupted"):
         load_database(d, model)
+
+
+def test_a_second_build_on_the_same_database_is_refused_while_one_runs(tmp_path):
+    from obcompress._locks import directory_lock
+
+    model, data = _setup()
+    d = tmp_path / "db"
+    d.mkdir()
+    with directory_lock(d, wait=True, what="test"):  # what a running build holds
+        with pytest.raises(ValueError, match="in use by another process"):
+            build_database(model, data, d, SPACE, num_calibration_samples=64, progress=False)
+    build_database(model, data, d, SPACE, num_calibration_samples=64, progress=False, stop_after=1)

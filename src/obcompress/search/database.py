@@ -48,6 +48,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save
 
+from .._locks import directory_lock
 from ..formats.packing import pack_bits, pack_mask, unpack_bits, unpack_mask
 from ..model.calibration import HessianHooks, calibration_batches, count_samples, run_model
 from ..model.layers import LayerInfo, find_layers, set_weight_groups, weight_groups
@@ -566,10 +567,9 @@ def build_database(
     """Build (or resume) the database of ``model``'s layers under ``directory``.
 
     ``stop_after``: finish at most this many layers in this call (for time-sliced builds: call
-    again to go on). The model is not modified.
+    again to go on). The model is not modified. A second build on the same directory while one
+    runs is refused with a ``ValueError``.
     """
-    from tqdm.auto import tqdm
-
     space = space or default_space()
     directory = Path(directory)
     found = find_layers(model, targets, ignore)
@@ -585,8 +585,19 @@ def build_database(
         "space": space.to_dict(),
         "settings": {"targets": None if targets is None else list(targets), "ignore": list(ignore)},
     }
-    _check_dir_for(directory, manifest, overwrite)
     directory.mkdir(parents=True, exist_ok=True)
+    # One build per database at a time: a second one would redo the same layers (and could
+    # replace files under the first). It is refused at once, not queued behind a long build.
+    with directory_lock(directory, wait=False, what=f"the database at {directory} (another `search build`?)"):
+        return _build_locked(model, directory, manifest, found, hashes, batches, n_samples, space, overwrite,
+                             progress, stop_after)
+
+
+def _build_locked(model, directory, manifest, found, hashes, batches, n_samples, space, overwrite, progress,
+                  stop_after) -> "Database":
+    from tqdm.auto import tqdm
+
+    _check_dir_for(directory, manifest, overwrite)
     (directory / LAYER_DIR).mkdir(exist_ok=True)
 
     def layer_key(name: str) -> str:
