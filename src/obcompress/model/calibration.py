@@ -124,7 +124,7 @@ def calibration_batches(
             break
     if not batches:
         raise ValueError("calibration data is empty: the dataset yielded no samples")
-    if seen >= num_samples:
+    if seen >= num_samples and not left:
         # One batch more tells whether the data held more than is used (it is not kept).
         for batch in iterator:
             inputs = transform_fn(batch) if transform_fn is not None else _default_input(batch)
