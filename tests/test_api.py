@@ -260,3 +260,10 @@ def test_unfit_layers_dense_keeps_such_layers_unpruned_and_lists_them(tmp_path):
     import json
 
     assert "conv1" in json.loads((tmp_path / "art" / "report.json").read_text())["unfit"]
+
+
+def test_progress_bars_stay_out_of_logs(capsys):
+    # stderr captured by pytest is not a terminal: a bar there would only clutter the log.
+    model, data = _setup()
+    compress(model, {"solver": "rtn", "quantization": {"num_bits": 8}}, data, progress=True)
+    assert "compress" not in capsys.readouterr().err

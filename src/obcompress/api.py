@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 import torch
 from torch import nn
 
+from ._progress import progress_bar
 from .model.activations import ActivationHooks, ActivationQuantizer, attach, calibrate_activation_quantizers
 from .model.calibration import calibration_batches, collect_hessians, count_samples
 from .model.corrections import norm_statistics, reestimate_batchnorm, statistics_correction
@@ -172,8 +173,6 @@ def compress(
     keyword arguments); ``transform_fn(batch)`` maps a batch to the model's input instead.
     Errors name the layer: ``ValueError("layer <name>: ...")``.
     """
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
     recipe = _as_recipe(recipe)
     found = find_layers(model, recipe.targets, recipe.ignore)
@@ -223,7 +222,7 @@ def compress(
     originals = {name: info.module.weight.detach().clone() for name, info in layers.items()}
     try:
         hessians = collect_hessians(model, layers, batches) if recipe.calibration == "parallel" else {}
-        bar = tqdm(list(layers.items()), desc="compress", unit="layer", disable=not progress, file=sys.stderr)
+        bar = progress_bar(list(layers.items()), desc="compress", unit="layer", progress=progress)
         for name, info in bar:
             t_layer = time.perf_counter()
             if recipe.calibration == "sequential":

@@ -101,6 +101,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from obcompress.demo import run_demo
         from obcompress.model_demo import run_model_demo
 
+        import time
+
+        t0 = time.perf_counter()
         try:
             # The per-layer part first: it checks its options before any training.
             if not args.models_only:
@@ -115,6 +118,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 run_model_demo(out_dir=args.out, progress=not args.no_progress)
         except ValueError as e:
             parser.exit(2, f"obcompress demo: error: {e}\n")
+        print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s")
         return 0
     try:
         if args.command == "compress":

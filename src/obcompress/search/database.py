@@ -48,6 +48,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save
 
+from .._progress import progress_bar
 from .._locks import directory_lock
 from ..formats.packing import pack_bits, pack_mask, unpack_bits, unpack_mask
 from ..model.calibration import HessianHooks, calibration_batches, count_samples, run_model
@@ -595,8 +596,6 @@ def build_database(
 
 def _build_locked(model, directory, manifest, found, hashes, batches, n_samples, space, overwrite, progress,
                   stop_after) -> "Database":
-    from tqdm.auto import tqdm
-
     _check_dir_for(directory, manifest, overwrite)
     (directory / LAYER_DIR).mkdir(exist_ok=True)
 
@@ -641,7 +640,7 @@ def _build_locked(model, directory, manifest, found, hashes, batches, n_samples,
                 m.training = training
         manifest["hessian_seconds"] += time.perf_counter() - t0
         _write_json(directory / MANIFEST, manifest)
-        bar = tqdm(todo, desc="database", unit="layer", disable=not progress, file=sys.stderr)
+        bar = progress_bar(todo, desc="database", unit="layer", progress=progress)
         for name in bar:
             info = found[name]
             if counts[name] == 0:
