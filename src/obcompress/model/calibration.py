@@ -17,7 +17,8 @@ import torch.nn as nn
 from ..solvers.hessian import HessianAccumulator, all_finite
 from .layers import LayerInfo
 
-__all__ = ["HessianHooks", "StopForward", "calibration_batches", "collect_hessians", "count_samples", "run_model"]
+__all__ = ["HessianHooks", "StopForward", "calibration_batches", "collect_hessians", "count_samples", "run_model",
+           "take_samples"]
 
 # Collated samples from a torch Dataset come in batches of this size.
 _DATASET_BATCH_SIZE = 32
@@ -61,7 +62,7 @@ def count_samples(inputs: Any) -> int:
     return int(t.shape[0])
 
 
-def _take(inputs: Any, n: int, batch_size: int) -> Any:
+def take_samples(inputs: Any, n: int, batch_size: int) -> Any:
     """The first n samples: every tensor (or list) whose leading dimension is the batch is sliced."""
 
     def cut(v):
@@ -116,7 +117,7 @@ def calibration_batches(
             continue
         if seen + n > num_samples:
             left = seen + n - num_samples
-            inputs = _take(inputs, num_samples - seen, n)
+            inputs = take_samples(inputs, num_samples - seen, n)
             n = num_samples - seen
         batches.append(inputs)
         seen += n
