@@ -178,3 +178,45 @@ def test_search_fit_on_a_model_without_logits_uses_its_fisher_task(cache, capsys
     assert set(recipe["targets"]) <= {"0", "2"} and recipe["targets"]
     assert main(["compress", "--model", f"{spec}:factory", "--recipe", str(out / "recipe.yaml"), "--out",
                  str(cache / "art"), "--calibration-samples", "256", "--no-progress"]) == 0
+
+
+def test_report_refuses_a_damaged_artifact(cache, capsys):
+    recipe = cache / "r.yaml"
+    recipe.write_text("solver: rtn\nquantization:\n  num_bits: 4\n")
+    out = cache / "art"
+    assert main(["compress", "--model", "digits-cnn", "--recipe", str(recipe), "--out", str(out),
+                 "--calibration-samples", "64", "--no-progress"]) == 0
+    capsys.readouterr()
+    w = out / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:-64])
+    with pytest.raises(SystemExit) as e:
+        main(["report", str(out)])
+    assert e.value.code == 2 and "truncated" in capsys.readouterr().err
+
+
+def test_help_imports_no_torch_and_documents_every_option():
+    import subprocess
+    import sys
+
+    code = ("import sys; from obcompress.cli import build_parser; p = build_parser(); p.format_help(); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"  # --help must not wait seconds for torch to import
+
+    from obcompress.cli import SWEEP_METHODS, build_parser
+    from obcompress.search.sweep import METHODS
+
+    assert tuple(SWEEP_METHODS) == tuple(METHODS)
+    parser = build_parser()
+    subs = {a.dest: a for a in parser._actions if a.dest == "command"}["command"].choices
+    search = {a.dest: a for a in subs["search"]._actions if a.dest == "search_command"}["search_command"].choices
+    commands = dict(subs, **{f"search {k}": v for k, v in search.items()})
+    for name, p in commands.items():
+        if name == "search":
+            continue
+        assert p.description or name.startswith("search "), f"{name}: no description"
+        for a in p._actions:
+            if a.option_strings and a.dest != "help":
+                assert a.help, f"{name} {a.option_strings[0]}: no help"
+    assert "default 256" in subs["compress"].format_help()
+    assert "uniform, dp, spdy" in search["sweep"].format_help()

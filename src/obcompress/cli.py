@@ -7,16 +7,31 @@ import sys
 from typing import Optional, Sequence
 
 from obcompress import __version__
-from obcompress.zoo._fetch import ZooUnavailable
+
+# Nothing heavy at import time: `obcompress --help` must not wait for torch (every command imports
+# what it needs when it runs).
 
 
 def _csv(text: str) -> list:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from obcompress.demo import METHOD_KEYS
+_MODEL_HELP = ("zoo name (digits-cnn, efficientnet-lite0, minilm) or path/to/file.py:factory returning "
+               "(model, calibration data, evaluate); see examples/ and the README")
+_CALIBRATION_HELP = "calibration samples to use (default %(default)s); data beyond them is left unused, with a warning"
+# The selection methods a sweep compares (search.sweep checks the same names).
+SWEEP_METHODS = ("uniform", "dp", "spdy")
 
+
+def _methods(text: str) -> list:
+    out = _csv(text)
+    bad = [m for m in out if m not in SWEEP_METHODS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {bad}: choose from {', '.join(SWEEP_METHODS)}")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="obcompress",
         description="Post-training joint pruning and quantization with exact Optimal Brain Compression solvers.",
@@ -31,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--calibration-samples", type=int, default=1024, metavar="N",
                       help="calibration images from the training split (1..1297, default 1024)")
     demo.add_argument("--methods", type=_csv, default=None, metavar="K1,K2",
-                      help="subset of methods (baselines are added): " + ",".join(METHOD_KEYS))
+                      help="subset of method keys, e.g. obq4,obs24 (baselines are added; an unknown key "
+                           "lists them all)")
     demo.add_argument("--layers", type=_csv, default=None, metavar="L1,L2",
                       help="subset of layers: conv1,conv2,fc1,fc2")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -44,10 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                       help="override a recipe key, e.g. --set quantization.num_bits=3 (repeatable)")
     comp.add_argument("--out", required=True, metavar="DIR", help="artifact directory to write")
-    comp.add_argument("--calibration-samples", type=int, default=256, metavar="N")
+    comp.add_argument("--calibration-samples", type=int, default=256, metavar="N", help=_CALIBRATION_HELP)
     comp.add_argument("--no-progress", action="store_true", help="no progress bar")
-    ev = sub.add_parser("eval", help="evaluate a model, dense or from an artifact")
-    ev.add_argument("--model", required=True, metavar="M")
+    ev = sub.add_parser("eval", help="evaluate a model, dense or from an artifact",
+                        description="Evaluate MODEL with its own evaluation (accuracy, perplexity, ...): the dense "
+                                    "model, or with --artifact the compressed one loaded into it.")
+    ev.add_argument("--model", required=True, metavar="M", help=_MODEL_HELP)
     ev.add_argument("--artifact", metavar="DIR", help="load this artifact into the model first")
     rep = sub.add_parser("report", help="print an artifact's per-layer report and sizes, or plot a search sweep",
                          description="DIR is an artifact (prints its per-layer report) or a directory written by "
@@ -83,6 +101,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from obcompress.demo import run_demo
         from obcompress.model_demo import run_model_demo
 
+        import time
+
+        t0 = time.perf_counter()
         try:
             # The per-layer part first: it checks its options before any training.
             if not args.models_only:
@@ -97,6 +118,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 run_model_demo(out_dir=args.out, progress=not args.no_progress)
         except ValueError as e:
             parser.exit(2, f"obcompress demo: error: {e}\n")
+        print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s")
         return 0
     try:
         if args.command == "compress":
@@ -109,8 +131,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _search(args, parser)
         if args.command == "export":
             return _export(args)
-    except (ValueError, ZooUnavailable) as e:
+    except Exception as e:
+        from obcompress.zoo._fetch import ZooUnavailable
+
         # ZooUnavailable: an optional package or a data download is missing; its message says what to do.
+        if not isinstance(e, (ValueError, ZooUnavailable)):
+            raise
         parser.exit(2, f"obcompress {args.command}: error: {e}\n")
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it first
     return 2
@@ -164,7 +190,7 @@ def _report(args) -> int:
     import json
     from pathlib import Path
 
-    from obcompress.formats import read_config
+    from obcompress.formats import verify
 
     directory = Path(args.directory)
     from obcompress.search.sweep import SWEEP_FILE, write_sweep_plots
@@ -176,7 +202,8 @@ def _report(args) -> int:
         for p in write_sweep_plots(directory):
             print(f"wrote {p}")
         return 0
-    config = read_config(directory)
+    # The stored figures are only true of the files they describe: check those first.
+    config = verify(directory)
     try:
         report = json.loads((directory / "report.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -192,6 +219,8 @@ def _report(args) -> int:
               f"{b.get('stored', 0):>10,d} {b.get('fp32', 0):>10,d}")
     print(f"artifact {report['artifact_bytes']:,d} bytes on disk, fp32 {report['fp32_bytes']:,d} bytes "
           f"({report['compression_ratio']}x smaller); format version {config['format_version']}")
+    for name, why in (report.get("unfit") or {}).items():
+        print(f"not pruned (unfit_layers: dense): {name}: {why}")
     if report.get("metrics"):
         _print_metrics("metrics", report["metrics"])
     return 0
@@ -227,9 +256,9 @@ def _search_parser(sub) -> None:
     ss = se.add_subparsers(dest="search_command", metavar="STEP")
 
     def common(p, db_required=True):
-        p.add_argument("--model", required=True, metavar="M", help="zoo name or path/to/file.py:factory")
+        p.add_argument("--model", required=True, metavar="M", help=_MODEL_HELP)
         p.add_argument("--db", required=db_required, metavar="DIR", help="database directory")
-        p.add_argument("--calibration-samples", type=int, default=256, metavar="N")
+        p.add_argument("--calibration-samples", type=int, default=256, metavar="N", help=_CALIBRATION_HELP)
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     b = ss.add_parser("build", help="build or resume a model's database",
@@ -248,15 +277,20 @@ def _search_parser(sub) -> None:
                        help="activation width the BOPs cost assumes for quantized layers, written into the recipe "
                             "(0: weights only; default 8)")
         p.add_argument("--buckets", type=int, default=10000, help="DP budget buckets (default 10000)")
-        p.add_argument("--spdy-restarts", type=int, default=16, metavar="N")
-        p.add_argument("--spdy-steps", type=int, default=100, metavar="N")
+        p.add_argument("--spdy-restarts", type=int, default=16, metavar="N",
+                       help="SPDY: random restarts of its coefficient search (default 16)")
+        p.add_argument("--spdy-steps", type=int, default=100, metavar="N",
+                       help="SPDY: local-search steps after the restarts (default 100)")
         p.add_argument("--spdy-samples", type=int, default=64, metavar="N",
                        help="calibration samples SPDY scores a candidate on (default 64)")
         p.add_argument("--correction", choices=("none", "bn", "statcorr"), default="none",
                        help="run on each candidate before scoring/evaluating it, and written into the recipe: bn "
                             "(BatchNorm re-estimation) or statcorr (statistics correction toward the dense model)")
 
-    c = ss.add_parser("select", help="choose per-layer variants for one goal and write the recipe")
+    c = ss.add_parser("select", help="choose per-layer variants for one goal and write the recipe",
+                      description="Choose one variant per layer from the database --db so that the searched "
+                                  "layers meet --goal (a fraction of their dense cost), and write the recipe "
+                                  "that `obcompress compress` applies unchanged.")
     common(c)
     c.add_argument("--goal", required=True, metavar="COST=FRACTION", help="e.g. bops=1/8, size=1/16, flops=1/4")
     c.add_argument("--method", choices=("dp", "exact", "spdy", "uniform"), default="dp",
@@ -284,15 +318,17 @@ def _search_parser(sub) -> None:
     fp.add_argument("--model", required=True, metavar="M", help="zoo name or path/to/file.py:factory")
     fp.add_argument("--goal", required=True, metavar="COST=FRACTION", help="e.g. size=1/12 or bops=1/8")
     fp.add_argument("--out", required=True, metavar="DIR", help="directory for recipe.yaml and the path report")
-    fp.add_argument("--calibration-samples", type=int, default=256, metavar="N")
+    fp.add_argument("--calibration-samples", type=int, default=256, metavar="N", help=_CALIBRATION_HELP)
     fp.add_argument("--search", choices=("beam", "astar"), default="beam",
                     help="beam (width --beam-width; 1 = the reference's greedy) or a true A* (exact for --lam 0)")
-    fp.add_argument("--beam-width", type=int, default=1, metavar="K")
+    fp.add_argument("--beam-width", type=int, default=1, metavar="K",
+                    help="nodes kept per step of the beam search (default 1: greedy)")
     fp.add_argument("--lam", type=float, default=1.0, help="weight of the distance-to-goal heuristic (default 1)")
     fp.add_argument("--apply", choices=("none", "obc", "rtn", "both"), default="obc",
                     help="evaluate the configuration: obc = the recipe through the exact solvers; rtn = the "
                          "paper's round-to-nearest with the FIT mask (+ --finetune-epochs)")
-    fp.add_argument("--finetune-epochs", type=int, default=0, metavar="E")
+    fp.add_argument("--finetune-epochs", type=int, default=0, metavar="E",
+                    help="--apply rtn: epochs of straight-through fine-tuning with frozen masks (default 0)")
     fp.add_argument("--finetune-lr", type=float, default=1e-4, metavar="LR",
                     help="Adam learning rate of the fine-tune (default 1e-4; a few epochs on calibration data "
                          "may need 1e-3 to move weights across grid points)")
@@ -301,13 +337,18 @@ def _search_parser(sub) -> None:
     fp.add_argument("--refresh-batches", type=int, default=0, metavar="N",
                     help="re-estimate the Fisher at every expanded node from N batches (the reference's "
                          "approximate mode; default 0: one Fisher for the whole path)")
-    fp.add_argument("--activation-bits", type=int, default=8, metavar="B")
+    fp.add_argument("--activation-bits", type=int, default=8, metavar="B",
+                    help="activation width the BOPs cost assumes for quantized layers (default 8)")
     fp.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    w = ss.add_parser("sweep", help="accuracy of uniform / DP / SPDY at several goals (then `obcompress report DIR`)")
+    w = ss.add_parser("sweep", help="accuracy of uniform / DP / SPDY at several goals (then `obcompress report DIR`)",
+                      description="For every goal and method, choose a configuration from the database, stitch "
+                                  "it and evaluate it as its recipe runs; writes sweep.json and the recipes to "
+                                  "--out (`obcompress report DIR` draws the plots).")
     common(w)
     w.add_argument("--goals", type=_csv, required=True, metavar="G1,G2", help="e.g. bops=1/4,bops=1/8,size=1/16")
-    w.add_argument("--methods", type=_csv, default=["uniform", "dp", "spdy"], metavar="M1,M2")
+    w.add_argument("--methods", type=_methods, default=["uniform", "dp", "spdy"], metavar="M1,M2",
+                   help="comma list of " + ", ".join(SWEEP_METHODS) + " (default uniform,dp,spdy)")
     w.add_argument("--out", required=True, metavar="DIR", help="directory for sweep.json, recipes and plots")
     goal_args(w)
 
