@@ -489,7 +489,7 @@ def _search_fit(args, entry, progress) -> int:
 
     cut = len(task.prefix) if task is not None else 0
     rest = WholeModel(path.goal.cost, entry.model, [n[cut:] for n in path.choice],
-                      calibration_batches(entry.calibration, args.calibration_samples))
+                      lambda: calibration_batches(entry.calibration, args.calibration_samples))
     whole = rest.of(path.cost, path.dense_cost)
     (out / "recipe.yaml").write_text(f"# FITCompress at {args.goal}: {whole.summary()}\n# {rest.describe()}\n"
                                      + yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")

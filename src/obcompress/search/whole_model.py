@@ -21,7 +21,7 @@ searched-layer reduction r over a dense searched cost D: ``whole_reduction(r)``,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -105,12 +105,13 @@ class WholeModel:
     """What ``cost`` counts of ``model`` beyond the layers ``searched``; ``of(searched_cost,
     searched_dense)`` gives a configuration's ``ModelCost``.
 
-    ``batches`` (model inputs) are needed only where a cost depends on output positions and some
-    compressible layer lies outside the search; the model is run once then, not changed.
+    ``batches`` (model inputs, or a function returning them, called only if needed) are needed
+    only where a cost depends on output positions and some compressible layer lies outside the
+    search; the model is run once then, not changed.
     """
 
     def __init__(self, cost: CostModel, model: nn.Module, searched: Iterable[str],
-                 batches: Optional[Sequence[Any]] = None):
+                 batches: Union[None, Sequence[Any], Callable[[], Sequence[Any]]] = None):
         if not isinstance(cost, CostModel):
             raise ValueError(f"cost must be a cost model (see make_cost), got {type(cost).__name__}")
         found = find_layers(model, None, ())
@@ -137,7 +138,7 @@ class WholeModel:
                 raise ValueError(f"the whole model's {cost.name} needs calibration batches to measure the output "
                                  f"positions of the layers outside the search ({', '.join(self.outside[:3])} ...)")
             rest = {n: found[n] for n in self.outside}
-            positions = layer_positions(model, rest, list(batches))
+            positions = layer_positions(model, rest, list(batches() if callable(batches) else batches))
             # A layer the model never calls costs nothing to run.
             self.rest = float(sum(cost.dense(_geometry(info, positions[n])) for n, info in rest.items()
                                   if positions[n] > 0))
