@@ -28,8 +28,8 @@ from .database import Database
 from .nonuniform import Configuration, Goal, _Stitcher, best_uniform, parse_goal, select_dp, spdy
 from .whole_model import WholeModel
 
-__all__ = ["METHODS", "as_recipe_runs", "attach_recipe_activations", "run_sweep", "main_metric", "write_sweep_plots", "SWEEP_FILE",
-           "read_sweep", "sweep_table"]
+__all__ = ["METHODS", "as_recipe_runs", "attach_recipe_activations", "run_sweep", "main_metric", "write_sweep_plots",
+           "SWEEP_FILE", "read_sweep", "sweep_table"]
 
 METHODS = ("uniform", "dp", "spdy")
 SWEEP_FILE = "sweep.json"
@@ -297,9 +297,9 @@ def write_sweep_plots(directory: Union[str, os.PathLike]) -> List[Path]:
                                    dense=100 * doc["dense"][metric], title=f"{metric} against {cost} reduction",
                                    others=others or None, others_label="aimed at another cost",
                                    top_axis=top))
+    # The model's order (the sweep records its layers so); a layer missing there goes last.
+    order = {n: i for i, n in enumerate(doc.get("layers") or [])}
     for r in doc["runs"]:
-        # The model's order (the sweep records its layers so); a layer missing there goes last.
-        order = {n: i for i, n in enumerate(doc.get("layers") or [])}
         names = sorted(r["choice"], key=lambda n: order.get(n, len(order)))
         vs = [Variant.from_key(r["choice"][n]) for n in names]
         cost = r["goal"]["cost"]["name"]
