@@ -40,7 +40,7 @@ def test_each_recipe_runs_on_digits_cnn(path, cache, capsys, one_thread):
         scheme = recipe.for_layer(layer["name"], None)
         want_bits = None if scheme.quantization is None else scheme.quantization.num_bits
         assert layer["bits"] == want_bits, layer
-        if scheme.sparsity is None:
+        if scheme.sparsity is None or layer["name"] in report["unfit"]:
             assert layer["sparsity"] == 0, layer
         else:
             assert layer["sparsity"] == pytest.approx(0.5, abs=0.01), layer
