@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(BIN)/obcompress demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -rs
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/solvers.py

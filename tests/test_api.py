@@ -225,3 +225,48 @@ def test_best_keeps_the_lower_loss_of_obq_and_gptq_act_order():
         losses[solver] = {x.name: x.loss for x in r.layers}
     for name in losses["best"]:
         assert losses["best"][name] == pytest.approx(min(losses["exact"][name], losses["gptq"][name]), rel=1e-6)
+
+
+def test_a_layer_the_mask_structure_does_not_fit_names_the_fixes():
+    model, data = _setup()  # conv1 has 3 x 3 x 3 = 27 columns: no 2:4 groups
+    with pytest.raises(ValueError, match=r"layer conv1: .*27 columns are not divisible by 4.*ignore: \['conv1'\]"
+                                         r".*sparsity: null.*unfit_layers: dense"):
+        compress(model, {"sparsity": {"mask_structure": "2:4"}}, data, progress=False)
+
+
+def test_an_override_that_leaves_its_layer_unpruned_works_in_a_pruning_only_recipe():
+    model, data = _setup()
+    before = model.conv1.weight.detach().clone()
+    r = compress(model, {"sparsity": {"mask_structure": "2:4"}, "layers": {"conv1": {"sparsity": None}}},
+                 data, progress=False)
+    assert [x.name for x in r.layers] == ["conv2", "fc1", "fc2"]
+    assert torch.equal(model.conv1.weight, before)
+    with pytest.raises(ValueError, match=r"overrides match no selected layer: \['conv9'\]"):
+        compress(model, {"sparsity": {"mask_structure": "2:4"}, "layers": {"conv9": {"sparsity": None}}}, data,
+                 progress=False)
+
+
+def test_unfit_layers_dense_keeps_such_layers_unpruned_and_lists_them(tmp_path):
+    from obcompress.formats import save
+
+    model, data = _setup()
+    before = model.conv1.weight.detach().clone()
+    r = compress(model, {"sparsity": {"mask_structure": "2:4", "unfit_layers": "dense"},
+                         "quantization": {"num_bits": 4}}, data, progress=False)
+    assert set(r.unfit) == {"conv1"} and "not divisible by 4" in r.unfit["conv1"]
+    conv1 = next(x for x in r.layers if x.name == "conv1")
+    assert conv1.sparsity == 0 and conv1.bits == 4  # still quantized
+    assert not torch.equal(model.conv1.weight, before)
+    assert all(x.sparsity == pytest.approx(0.5) for x in r.layers if x.name != "conv1")
+    assert "not pruned (unfit_layers: dense): conv1" in r.table()
+    save(model, r, tmp_path / "art")
+    import json
+
+    assert "conv1" in json.loads((tmp_path / "art" / "report.json").read_text())["unfit"]
+
+
+def test_progress_bars_stay_out_of_logs(capsys):
+    # stderr captured by pytest is not a terminal: a bar there would only clutter the log.
+    model, data = _setup()
+    compress(model, {"solver": "rtn", "quantization": {"num_bits": 8}}, data, progress=True)
+    assert "compress" not in capsys.readouterr().err

@@ -10,7 +10,7 @@ error of the ones before it (one forward pass per layer, still only the running 
 
 from __future__ import annotations
 
-import sys
+import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Union
@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 import torch
 from torch import nn
 
+from ._progress import progress_bar
 from .model.activations import ActivationHooks, ActivationQuantizer, attach, calibrate_activation_quantizers
 from .model.calibration import calibration_batches, collect_hessians, count_samples
 from .model.corrections import norm_statistics, reestimate_batchnorm, statistics_correction
@@ -65,6 +66,8 @@ class Result:
     activation_hooks: Optional[ActivationHooks] = field(default=None, repr=False)
     corrections: Dict[str, Any] = field(default_factory=dict)
     metrics: Optional[Dict[str, float]] = None  # the caller's evaluation, kept in the artifact's report
+    # Layers left unpruned because the mask structure does not fit them (``unfit_layers: dense``).
+    unfit: Dict[str, str] = field(default_factory=dict)
 
     @property
     def report(self) -> List[Dict[str, Any]]:
@@ -82,6 +85,8 @@ class Result:
         engines = "+".join(sorted({e for r in self.layers for e in r.engine.split("+")}))
         lines.append(f"{len(self.layers)} layers, total loss {total:.4g}, {self.seconds:.1f} s, "
                      f"{self.calibration_samples} calibration samples, solver engine {engines}")
+        for name, why in self.unfit.items():
+            lines.append(f"not pruned (unfit_layers: dense): {name}: {why}")
         return "\n".join(lines)
 
 
@@ -129,24 +134,35 @@ def compress(
     keyword arguments); ``transform_fn(batch)`` maps a batch to the model's input instead.
     Errors name the layer: ``ValueError("layer <name>: ...")``.
     """
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
     recipe = _as_recipe(recipe)
     found = find_layers(model, recipe.targets, recipe.ignore)
-    schemes: Dict[str, LayerScheme] = {}
-    for name, info in found.items():
-        scheme = recipe.for_layer(name, type(info.module).__name__)
-        if scheme is not None:
-            schemes[name] = scheme
-    if not schemes:
-        raise ValueError("the recipe selects no layer of this model")
-    unused = recipe.unused_overrides(list(schemes))
+    # An override may leave its layer with nothing to do (``sparsity: null`` in a pruning-only
+    # recipe): it still counts as used, against every layer the recipe selects.
+    unused = recipe.unused_overrides([n for n, info in found.items() if recipe.selects(n, info.module)])
     if unused:
         raise ValueError(f"recipe layer overrides match no selected layer: {unused}")
+    schemes: Dict[str, LayerScheme] = {}
+    unfit: Dict[str, str] = {}
+    for name, info in found.items():
+        scheme = recipe.for_layer(name, type(info.module).__name__)
+        if scheme is None:
+            continue
+        why = _unfit_reason(info, scheme)
+        if why is not None:
+            if scheme.sparsity.unfit_layers != "dense":
+                raise ValueError(
+                    f"layer {name}: {why}. Leave the layer out (ignore: ['{name}']), give it its own "
+                    f"setting (layers: {{'{name}': {{sparsity: null}}}}), or keep every such layer unpruned "
+                    "with sparsity.unfit_layers: dense")
+            unfit[name] = why
+            scheme = dataclasses.replace(scheme, sparsity=None)
+            if not scheme.compresses:
+                continue
+        schemes[name] = scheme
+    if not schemes:
+        raise ValueError("the recipe selects no layer of this model")
     layers = {name: found[name] for name in schemes}
-    for name, scheme in schemes.items():
-        _check_fits(name, layers[name], scheme)
     batches = calibration_batches(dataset, num_calibration_samples, transform_fn)
     n_samples = sum(count_samples(b) for b in batches)
     corr = recipe.corrections
@@ -162,12 +178,12 @@ def compress(
 
     was_training = model.training
     model.eval()
-    result = Result(recipe=recipe, calibration_samples=n_samples)
+    result = Result(recipe=recipe, calibration_samples=n_samples, unfit=unfit)
     # A failure half-way leaves the model as it was, not half compressed.
     originals = {name: info.module.weight.detach().clone() for name, info in layers.items()}
     try:
         hessians = collect_hessians(model, layers, batches) if recipe.calibration == "parallel" else {}
-        bar = tqdm(list(layers.items()), desc="compress", unit="layer", disable=not progress, file=sys.stderr)
+        bar = progress_bar(list(layers.items()), desc="compress", unit="layer", progress=progress)
         for name, info in bar:
             t_layer = time.perf_counter()
             if recipe.calibration == "sequential":
@@ -206,14 +222,17 @@ def compress(
     return result
 
 
-def _check_fits(name: str, info: LayerInfo, scheme: LayerScheme) -> None:
-    """Shape problems of a layer found before any calibration or solving is spent."""
+def _unfit_reason(info: LayerInfo, scheme: LayerScheme) -> Optional[str]:
+    """Why the scheme's mask structure cannot prune this layer (None when it can): found before
+    any calibration or solving is spent."""
     sp = scheme.sparsity
-    if sp is not None:
-        try:
-            parse_mask_structure(sp.mask_structure, info.cols)
-        except ValueError as e:
-            raise ValueError(f"layer {name}: {e}") from None
+    if sp is None:
+        return None
+    try:
+        parse_mask_structure(sp.mask_structure, info.cols)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def _compress_layer(name: str, info: LayerInfo, H: torch.Tensor, scheme: LayerScheme):

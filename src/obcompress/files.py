@@ -18,6 +18,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator, Union
 
+from ._locks import directory_lock
+
 __all__ = ["atomic_directory", "atomic_path", "cache_dir", "write_bytes", "write_json", "write_text"]
 
 PathLike = Union[str, os.PathLike]
@@ -95,7 +97,8 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
     """A new empty directory next to ``path`` for the block to fill; when the block ends normally
     its files are flushed to disk and it replaces ``path`` (an existing directory there is moved
     aside first and removed after, so at every moment ``path`` is the old complete directory,
-    absent, or the new one); on any exception it is removed and ``path`` is left as it was."""
+    absent, or the new one; concurrent writers swap one at a time, under a lock on the parent);
+    on any exception it is removed and ``path`` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
@@ -110,16 +113,20 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
         for p in tmp.iterdir():
             if p.is_file():
                 _fsync(p)
-        # rename(2) cannot replace a non-empty directory: an old one goes aside first.
-        old = _sibling(path, "old") if path.exists() else None
-        if old is not None:
-            os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
+        # Concurrent writers of one directory take turns for the swap (their writing into their
+        # own temporaries runs in parallel): each swap sees a complete directory or none, and the
+        # last one wins.
+        with directory_lock(path.parent, wait=True, what=f"the parent of {path}"):
+            # rename(2) cannot replace a non-empty directory: an old one goes aside first.
+            old = _sibling(path, "old") if path.exists() else None
             if old is not None:
-                os.replace(old, path)
-            raise
+                os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                if old is not None:
+                    os.replace(old, path)
+                raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:

@@ -81,7 +81,9 @@ _TOP_KEYS = ("targets", "ignore", "solver", "quantization", "sparsity", "damp", 
 _OVERRIDE_KEYS = ("solver", "damp", "quantization", "sparsity")
 _QUANT_KEYS = ("num_bits", "symmetric", "strategy", "group_size", "mse", "act_order", "activations")
 _ACT_KEYS = ("num_bits", "symmetric", "mse")
-_SPARSITY_KEYS = ("sparsity", "mask_structure")
+_SPARSITY_KEYS = ("sparsity", "mask_structure", "unfit_layers")
+# What a sparsity section does with a layer whose columns its N:M groups or blocks do not divide.
+UNFIT_CHOICES = ("error", "dense")
 _CORRECTION_KEYS = ("bn_reestimation", "statistics_correction")
 
 
@@ -312,11 +314,15 @@ class SparsityScheme:
 
     sparsity: Optional[float] = None
     mask_structure: str = "unstructured"
+    # "error": such a layer stops compress with a message naming the fixes; "dense": it is left
+    # unpruned (still quantized if the recipe quantizes) and listed in the result's ``unfit``.
+    unfit_layers: str = "error"
 
     def __post_init__(self):
         v = _sparsity_values(self.__dict__, "sparsity")
         object.__setattr__(self, "sparsity", v["sparsity"])
         object.__setattr__(self, "mask_structure", v["mask_structure"])
+        object.__setattr__(self, "unfit_layers", v["unfit_layers"])
 
     @classmethod
     def from_dict(cls, d: Any, path: str = "sparsity") -> "SparsityScheme":
@@ -327,6 +333,8 @@ class SparsityScheme:
         if self.sparsity is not None:
             out["sparsity"] = self.sparsity
         out["mask_structure"] = self.mask_structure
+        if self.unfit_layers != "error":
+            out["unfit_layers"] = self.unfit_layers
         return out
 
     @property
@@ -357,7 +365,8 @@ def _sparsity_values(d: Any, path: str) -> Dict[str, Any]:
         if fixed is not None and abs(s - fixed) > 1e-9:
             raise _fail(f"{spath}={s:g} contradicts {_join(path, 'mask_structure')}: {ms}, which is "
                         f"{fixed:g} sparse; omit {spath}")
-    return {"sparsity": s, "mask_structure": str(ms)}
+    unfit = _check_choice(d.get("unfit_layers", "error"), UNFIT_CHOICES, _join(path, "unfit_layers"))
+    return {"sparsity": s, "mask_structure": str(ms), "unfit_layers": unfit}
 
 
 @dataclass(frozen=True)

@@ -122,6 +122,7 @@ def _strip_seconds(raw: bytes) -> bytes:
     header = json.loads(raw[8 : 8 + n])
     meta = json.loads(header.pop("__metadata__")["obcompress"])
     meta.pop("seconds")
+    meta.pop("sha256")  # a digest of the content, seconds included
     for v in meta["variants"].values():
         v.pop("seconds")
     return json.dumps([header, meta], sort_keys=True).encode() + raw[8 + n :]
@@ -181,3 +182,60 @@ def test_space_and_variant_keys():
     # joint variants only where a group has joint_min_cols columns (default 32)
     assert not any(v.pruned and v.bits for v in s.for_layer(25))
     assert any(v.pruned and v.bits for v in s.for_layer(32))
+
+
+def _flip_data_byte(path):
+    raw = bytearray(path.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    pos = 8 + n + (len(raw) - 8 - n) // 2  # inside the tensor data, not the header
+    raw[pos] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_a_corrupted_layer_file_is_refused_and_rebuilt(tmp_path):
+    model, data = _setup()
+    d = tmp_path / "db"
+    build_database(model, data, d, SPACE, num_calibration_samples=64, progress=False)
+    good = _files(d)
+    victim = sorted((d / "layers").glob("fc1-*.safetensors"))[0]
+    _flip_data_byte(victim)
+    with pytest.raises(ValueError, match=r"layer fc1: database file .* is corrupted.*search build"):
+        load_database(d, model)
+    # A build resumes over it: only that layer is redone, to the same bytes.
+    with pytest.warns(UserWarning, match="rebuilding it"):
+        build_database(model, data, d, SPACE, num_calibration_samples=64, progress=False)
+    rebuilt = _files(d)
+    assert rebuilt.keys() == good.keys()
+    for k in good:
+        assert _strip_seconds(rebuilt[k]) == _strip_seconds(good[k]), k
+    # the other layers were not redone: their files are untouched, timings included
+    assert all(rebuilt[k] == good[k] for k in good if k != victim.name)
+    load_database(d, model)
+
+
+def test_corrupted_metadata_numbers_are_detected(tmp_path):
+    model, data = _setup()
+    d = tmp_path / "db"
+    build_database(model, data, d, SPACE, num_calibration_samples=64, progress=False)
+    victim = sorted((d / "layers").glob("fc2-*.safetensors"))[0]
+    raw = victim.read_bytes()
+    # One digit of a recorded loss changed, the JSON still valid.
+    key = b'loss\\": '
+    i = raw.index(key) + len(key)
+    while not raw[i:i + 1].isdigit() or raw[i:i + 1] == b"0":
+        i += 1
+    victim.write_bytes(raw[:i] + (b"1" if raw[i:i + 1] != b"1" else b"2") + raw[i + 1:])
+    with pytest.raises(ValueError, match="layer fc2: database file .* is corrupted"):
+        load_database(d, model)
+
+
+def test_a_second_build_on_the_same_database_is_refused_while_one_runs(tmp_path):
+    from obcompress._locks import directory_lock
+
+    model, data = _setup()
+    d = tmp_path / "db"
+    d.mkdir()
+    with directory_lock(d, wait=True, what="test"):  # what a running build holds
+        with pytest.raises(ValueError, match="in use by another process"):
+            build_database(model, data, d, SPACE, num_calibration_samples=64, progress=False)
+    build_database(model, data, d, SPACE, num_calibration_samples=64, progress=False, stop_after=1)

@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, TextIO
 
 import torch
 
+from .._progress import progress_bar
 from ..model import collect_hessians, find_layers, weight_groups
 from ..solvers import (
     QuantGrid,
@@ -231,8 +232,6 @@ def run_demo(
 
     ``methods`` (keys of METHODS) and ``layers`` (module names) select a subset, for quick runs.
     """
-    from tqdm.auto import tqdm
-
     from ..zoo.digits import DigitsCNN, calibration_inputs, digits_cnn, evaluate, load_digits_data
 
     out = out if out is not None else sys.stdout
@@ -279,7 +278,7 @@ def run_demo(
     new_weights: Dict[str, Dict[str, torch.Tensor]] = {m.key: {} for m in runnable}
     skipped: Dict[str, List[str]] = {m.key: [] for m in runnable}
     shapes = {}
-    bar = tqdm(names, desc="layers", unit="layer", disable=not progress, file=sys.stderr)
+    bar = progress_bar(names, desc="layers", unit="layer", progress=progress)
     for name in bar:
         info = all_layers[name]
         mod = info.module
@@ -309,7 +308,7 @@ def run_demo(
             if r.baseline in by_key:
                 r.baseline_loss = by_key[r.baseline].loss
         rows.extend(layer_rows)
-        tqdm.write(format_layer_table(name, shapes[name], layer_rows) + "\n", file=out)
+        bar.write(format_layer_table(name, shapes[name], layer_rows) + "\n", file=out)
     bar.close()
 
     accuracy = {}
@@ -334,5 +333,5 @@ def run_demo(
     )
     print(format_accuracy_table(report, runnable), file=out)
     report.seconds = time.perf_counter() - t_start
-    print(f"\ndemo finished in {report.seconds:.1f} s", file=out)
+    print(f"\nper-layer comparison finished in {report.seconds:.1f} s", file=out)
     return report

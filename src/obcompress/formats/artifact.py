@@ -430,6 +430,8 @@ def _report(result, config, fp32: int, other_bytes: int) -> bytes:
         "calibration_samples": getattr(result, "calibration_samples", None),
         "seconds": getattr(result, "seconds", None),
         "metrics": getattr(result, "metrics", None),
+        # layers the recipe selected but left unpruned because its mask structure does not fit them
+        "unfit": dict(getattr(result, "unfit", {}) or {}),
         "layer_bytes": {n: {"stored": e["bytes"]["total"], "fp32": e["fp32_bytes"], "storage": e["storage"]}
                         for n, e in config["layers"].items()},
         "weights_file_bytes": config["weights_bytes"],
@@ -476,10 +478,26 @@ def read_config(directory: Union[str, os.PathLike]) -> Dict[str, Any]:
     return config
 
 
-def _read_weights(directory: Path, config) -> Dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def verify(directory: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """Check an artifact without loading it into a model: its config, the weights file's recorded
+    size and SHA-256, and that report.json's ``artifact_bytes`` is what the directory holds.
+    Returns the config; raises ``ValueError`` naming what is wrong."""
+    d = Path(directory)
+    config = read_config(d)
+    _check_weights_file(d, config)
+    try:
+        report = json.loads((d / REPORT_FILE).read_text(encoding="utf-8"))
+        stated = int(report["artifact_bytes"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{d / REPORT_FILE} is missing or damaged ({e})") from None
+    actual = artifact_size(d)
+    if actual != stated:
+        raise ValueError(f"{d}: report.json says the artifact is {stated:,d} bytes, the directory holds "
+                         f"{actual:,d}: its files were changed after saving")
+    return config
 
+
+def _check_weights_file(directory: Path, config) -> Path:
     path = directory / WEIGHTS_FILE
     if not path.is_file():
         raise ValueError(f"{directory}: {WEIGHTS_FILE} is missing")
@@ -492,6 +510,14 @@ def _read_weights(directory: Path, config) -> Dict[str, torch.Tensor]:
         raise ValueError(f"{path} is {what}: {size} bytes, the artifact recorded {expect['bytes']}")
     if _sha256(path) != expect["sha256"]:
         raise ValueError(f"{path} is corrupted: its SHA-256 does not match the one recorded at save")
+    return path
+
+
+def _read_weights(directory: Path, config) -> Dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = _check_weights_file(directory, config)
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:

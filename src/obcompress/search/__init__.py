@@ -3,6 +3,7 @@
 space        Variant, SearchSpace (the OBC paper's default); LayerGeometry (from obcompress.geometry)
 database     build_database / load_database: every layer's variants on disk, resumable
 costs        size (bits on disk), BOPs, FLOPs, measured latency (torch kernels, onnxruntime)
+whole_model  a configuration's cost over the whole model, beside the searched layers' that goals count
 dp           the bucketed dynamic program over layers, and the exact MILP cross-check
 nonuniform   goals, select_dp, SPDY (the DP driven by per-layer sensitivity coefficients searched
              on calibration loss), the best uniform setting, single-layer calibration-loss scores

@@ -34,8 +34,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,9 +44,11 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import torch
 import torch.nn as nn
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
-from ..files import atomic_path, write_json
+from .._locks import directory_lock
+from .._progress import progress_bar
+from ..files import write_bytes, write_json
 from ..formats.packing import pack_bits, pack_mask, unpack_bits, unpack_mask
 from ..model.calibration import HessianHooks, calibration_batches, count_samples, run_model
 from ..model.layers import LayerInfo, find_layers, set_weight_groups, weight_groups
@@ -253,13 +255,41 @@ def _build_layer(name: str, info: LayerInfo, H: torch.Tensor, space: SearchSpace
     return tensors, meta
 
 
+def _layer_digest(header: Dict[str, Any], data: Iterable[bytes], meta: Dict[str, Any]) -> str:
+    """SHA-256 of a layer file's content: its tensor table (names, dtypes, shapes, offsets), its
+    metadata without the digest itself, and every byte of its tensor data."""
+    h = hashlib.sha256()
+    table = {k: v for k, v in header.items() if k != "__metadata__"}
+    h.update(json.dumps(table, sort_keys=True).encode())
+    h.update(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode())
+    for chunk in data:
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def _split_safetensors(raw: bytes):
+    """(header dict, data bytes) of a safetensors file's content."""
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
 def _write_layer(path: Path, tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"obcompress": json.dumps(meta)})
+    """Write a layer file atomically, its metadata carrying the SHA-256 of its whole content."""
+    # The tensor table and data do not depend on the metadata: lay the file out once to hash it.
+    header, data = _split_safetensors(save(tensors, metadata={"obcompress": json.dumps(meta)}))
+    meta = dict(meta, sha256=_layer_digest(header, [data], meta))
+    write_bytes(path, save(tensors, metadata={"obcompress": json.dumps(meta)}))
 
 
-def _read_layer_meta(path: Path) -> Optional[Dict[str, Any]]:
-    """The layer file's metadata, or None when it is missing or unreadable (a build will redo it)."""
+class CorruptLayerFile(ValueError):
+    """A layer file whose content no longer matches the SHA-256 written with it."""
+
+
+def _read_layer_meta(path: Path, verify: bool = False) -> Optional[Dict[str, Any]]:
+    """The layer file's metadata, or None when it is missing or unreadable (a build will redo it).
+
+    ``verify``: also check the file's SHA-256 against its content (reads the whole file) and raise
+    ``CorruptLayerFile`` on a mismatch. Files written before checksums existed pass unverified."""
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get("obcompress")
@@ -268,6 +298,16 @@ def _read_layer_meta(path: Path) -> Optional[Dict[str, Any]]:
         return None
     if not isinstance(meta, dict) or meta.get("format") != DATABASE_FORMAT:
         return None
+    if verify and "sha256" in meta:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+            digest = _layer_digest(header, iter(lambda: f.read(1 << 22), b""), meta)
+        if digest != meta["sha256"]:
+            raise CorruptLayerFile(
+                f"layer {meta.get('name')}: database file {path} is corrupted (its content does not match the "
+                "SHA-256 written with it): rebuild that layer by running `obcompress search build` again with "
+                "the same arguments (it redoes corrupted layers only), or `build_database(...)` in Python")
     return meta
 
 
@@ -509,10 +549,9 @@ def build_database(
     """Build (or resume) the database of ``model``'s layers under ``directory``.
 
     ``stop_after``: finish at most this many layers in this call (for time-sliced builds: call
-    again to go on). The model is not modified.
+    again to go on). The model is not modified. A second build on the same directory while one
+    runs is refused with a ``ValueError``.
     """
-    from tqdm.auto import tqdm
-
     space = space or default_space()
     directory = Path(directory)
     found = find_layers(model, targets, ignore)
@@ -528,8 +567,17 @@ def build_database(
         "space": space.to_dict(),
         "settings": {"targets": None if targets is None else list(targets), "ignore": list(ignore)},
     }
-    _check_dir_for(directory, manifest, overwrite)
     directory.mkdir(parents=True, exist_ok=True)
+    # One build per database at a time: a second one would redo the same layers (and could
+    # replace files under the first). It is refused at once, not queued behind a long build.
+    with directory_lock(directory, wait=False, what=f"the database at {directory} (another `search build`?)"):
+        return _build_locked(model, directory, manifest, found, hashes, batches, n_samples, space, overwrite,
+                             progress, stop_after)
+
+
+def _build_locked(model, directory, manifest, found, hashes, batches, n_samples, space, overwrite, progress,
+                  stop_after) -> "Database":
+    _check_dir_for(directory, manifest, overwrite)
     (directory / LAYER_DIR).mkdir(exist_ok=True)
 
     def layer_key(name: str) -> str:
@@ -541,7 +589,11 @@ def build_database(
     paths = {name: directory / LAYER_DIR / f"{_safe_name(name)}.safetensors" for name in found}
     done = {}
     for name in found:
-        meta = _read_layer_meta(paths[name])
+        try:
+            meta = _read_layer_meta(paths[name], verify=True)
+        except CorruptLayerFile as e:
+            warnings.warn(f"{e}; rebuilding it now")
+            continue
         if meta is not None and meta.get("key") == layer_key(name):
             done[name] = meta
     todo = [n for n in found if n not in done]
@@ -569,7 +621,7 @@ def build_database(
                 m.training = training
         manifest["hessian_seconds"] += time.perf_counter() - t0
         write_json(directory / MANIFEST, manifest, indent=1, sort_keys=True)
-        bar = tqdm(todo, desc="database", unit="layer", disable=not progress, file=sys.stderr)
+        bar = progress_bar(todo, desc="database", unit="layer", progress=progress)
         for name in bar:
             info = found[name]
             if counts[name] == 0:
@@ -592,7 +644,8 @@ def load_database(directory: Union[str, os.PathLike], model: Optional[nn.Module]
                   *, complete: bool = True) -> Database:
     """Open a database. With ``model``, refuse it unless it was built from these very weights
     (names, shapes and weight hashes of its layers). ``complete``: refuse a database whose build
-    has not finished every layer."""
+    has not finished every layer. Every layer file's SHA-256 is checked (one read of the files):
+    a corrupted one raises a ``ValueError`` that names it and says to rebuild that layer."""
     directory = Path(directory)
     path = directory / MANIFEST
     if not path.exists():
@@ -621,10 +674,12 @@ def load_database(directory: Union[str, os.PathLike], model: Optional[nn.Module]
                                  f"{m['shape']} there, {[info.groups, info.rows, info.cols]} here")
             if weight_hash(info) != m["weight_hash"]:
                 raise ValueError(f"the database at {directory} was built for other weights: layer {name} differs")
+        # The model's order, as the build had it (the manifest's JSON keeps its names sorted).
+        names = [n for n in found if n in manifest["model"]]
     paths = {name: directory / LAYER_DIR / f"{_safe_name(name)}.safetensors" for name in names}
     done = {}
     for name in names:
-        meta = _read_layer_meta(paths[name])
+        meta = _read_layer_meta(paths[name], verify=True)
         if meta is not None and meta.get("weight_hash") == manifest["model"][name]["weight_hash"]:
             done[name] = meta
     missing = [n for n in names if n not in done]

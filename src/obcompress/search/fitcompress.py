@@ -15,6 +15,7 @@ the exact OBC solvers, post-training.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from pathlib import Path
@@ -25,23 +26,37 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..files import write_json
-from ..model.calibration import calibration_batches, run_model
+from ..model.calibration import calibration_batches, run_model, take_samples
 from .fit import Fisher, FitPath, _check_fisher, apply_rtn_fit, empirical_fisher, finetune, plan_path
 from .nonuniform import Goal, parse_goal
 
 __all__ = ["labelled_batches", "run_fitcompress", "path_plot"]
 
 
+def _is_labelled(batch: Any) -> bool:
+    return (isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], torch.Tensor)
+            and not batch[1].is_floating_point() and batch[1].dim() == 1)
+
+
 def labelled_batches(model: nn.Module, data: Iterable, num_samples: int, transform_fn=None) -> List[Tuple[Any, Any]]:
     """(x, y) batches: the data's own labels when its batches are (x, y) pairs with integer labels,
-    else the dense model's top-1 prediction for each input."""
-    raw = list(data)
-    if raw and isinstance(raw[0], (tuple, list)) and len(raw[0]) == 2 and isinstance(raw[0][1], torch.Tensor) \
-            and not raw[0][1].is_floating_point() and raw[0][1].dim() == 1:
+    else the dense model's top-1 prediction for each input. The data is read only as far as
+    ``num_samples`` needs (a map-style Dataset is batched first, as for calibration)."""
+    if isinstance(data, torch.utils.data.Dataset):
+        data = torch.utils.data.DataLoader(data, batch_size=min(num_samples, 32))
+    iterator = iter(data)
+    first = next(iterator, None)
+    if first is None:
+        raise ValueError("calibration data is empty: the dataset yielded no samples")
+    raw = itertools.chain([first], iterator)
+    if _is_labelled(first):
         out, n = [], 0
         for x, y in raw:
+            take = min(len(y), num_samples - n)
+            if take < len(y):
+                x, y = take_samples(x, take, len(y)), y[:take]
             out.append((x, y))
-            n += len(y)
+            n += take
             if n >= num_samples:
                 break
         return out

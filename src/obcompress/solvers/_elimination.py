@@ -336,8 +336,7 @@ def _for_chunks(chunks, run, buffer_elems, dtype, device, parallel):
 
     With the fused kernel, chunks are independent and both the kernel calls and torch's GEMMs
     release the GIL: on a machine with several cores the chunks then run on as many Python threads
-    as torch would use, each single-threaded with its own buffers (a chunk's GEMMs are too small
-    to share well), and torch's thread count is restored afterwards.
+    as torch would use, each with its own buffers.
     """
     workers = min(torch.get_num_threads(), len(chunks)) if parallel else 1
 
@@ -361,13 +360,11 @@ def _for_chunks(chunks, run, buffer_elems, dtype, device, parallel):
         finally:
             pool.put(buffers)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(workers) as ex:
-            list(ex.map(task, chunks))
-    finally:
-        torch.set_num_threads(threads)
+    # torch's thread count is process-wide: setting it to 1 for the chunks' small GEMMs would also
+    # slow down whatever else the process runs meanwhile (and concurrent solves would restore each
+    # other's settings), so it is left as the caller set it.
+    with ThreadPoolExecutor(workers) as ex:
+        list(ex.map(task, chunks))
 
 
 def greedy_single(W64, H64, Hinv64, policy, *, keep=None, dtype=torch.float32, extras=None,

@@ -98,14 +98,36 @@ def _data_tar(deb: Path) -> tarfile.TarFile:
             name = header[:16].decode("ascii", "replace").strip().rstrip("/")
             size = int(header[48:58].decode("ascii").strip())
             if name.startswith("data.tar"):
-                if name.endswith(".zst"):
-                    raise ZooUnavailable(f"{deb} compresses its data with zstd, which Python cannot read; "
-                                         "extract it with dpkg-deb -x and repack as xz")
                 payload = f.read(size)
                 if len(payload) != size:
                     raise ZooUnavailable(f"{deb} is truncated")
+                if name.endswith(".zst"):
+                    payload = _unzstd(deb, payload)
                 return tarfile.open(fileobj=io.BytesIO(payload), mode="r:*")
             f.seek(size + (size & 1), os.SEEK_CUR)  # ar members are 2-byte aligned
+
+
+def _unzstd(deb: Path, payload: bytes) -> bytes:
+    """The tar inside a zstd-compressed data member (every Ubuntu package since 21.10): dpkg-deb
+    reads it where Debian's tools are installed, else the ``zstandard`` package if present."""
+    dpkg = shutil.which("dpkg-deb")
+    if dpkg is not None:
+        try:
+            proc = subprocess.run([dpkg, "--fsys-tarfile", str(deb)], capture_output=True, timeout=900)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise ZooUnavailable(f"dpkg-deb --fsys-tarfile {deb} failed: {e}") from e
+        if proc.returncode == 0:
+            return proc.stdout
+        raise ZooUnavailable(f"dpkg-deb --fsys-tarfile {deb} failed: {proc.stderr.decode(errors='replace').strip()}")
+    try:
+        import zstandard
+    except ImportError:
+        raise ZooUnavailable(f"{deb} compresses its data with zstd: install Debian's dpkg (dpkg-deb) or "
+                             "`pip install zstandard` to read it") from None
+    try:
+        return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(payload)).read()
+    except zstandard.ZstdError as e:
+        raise ZooUnavailable(f"cannot decompress the data of {deb}: {e}") from e
 
 
 def read_members(deb: Path, wanted: Callable[[str], bool]) -> Dict[str, bytes]:
