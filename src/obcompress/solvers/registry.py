@@ -8,7 +8,7 @@ columns_last=..., damp=..., act_order=...)``: prune when ``mask_structure`` is g
 supports, which mask structures, whether GPTQ's act-order applies -- and ``SolverSpec.solve``
 refuses anything else with one ``ValueError`` before any work. ``api.compress`` dispatches
 through ``SOLVERS``, recipes check their sections against it, ``obcompress compress --help``
-lists it, and the conformance suite (tests/solvers/test_registry.py) runs every solver in it:
+lists it, and the conformance suite (tests/solvers/test_solver_registry.py) runs every solver in it:
 a new solver gets all of that by ``register``.
 """
 
