@@ -16,7 +16,7 @@ import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 from ._locks import directory_lock
 
@@ -93,12 +93,14 @@ def write_json(path: PathLike, obj: Any, **dump_kwargs) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: PathLike) -> Iterator[Path]:
+def atomic_directory(path: PathLike, check: Optional[Callable[[Path], None]] = None) -> Iterator[Path]:
     """A new empty directory next to ``path`` for the block to fill; when the block ends normally
     its files are flushed to disk and it replaces ``path`` (an existing directory there is moved
     aside first and removed after, so at every moment ``path`` is the old complete directory,
     absent, or the new one; concurrent writers swap one at a time, under a lock on the parent);
-    on any exception it is removed and ``path`` is left as it was."""
+    on any exception it is removed and ``path`` is left as it was. ``check(path)``, if given, runs
+    under the lock right before the swap and may refuse it by raising (what is at ``path`` then
+    cannot change under it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
@@ -117,6 +119,8 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
         # own temporaries runs in parallel): each swap sees a complete directory or none, and the
         # last one wins.
         with directory_lock(path.parent, wait=True, what=f"the parent of {path}"):
+            if check is not None:
+                check(path)
             # rename(2) cannot replace a non-empty directory: an old one goes aside first.
             old = _sibling(path, "old") if path.exists() else None
             if old is not None:

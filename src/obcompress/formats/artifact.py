@@ -35,6 +35,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from .._locks import directory_lock
 from ..files import atomic_directory
 from ..model.activations import attach, quantizers_from_dict, quantizers_to_dict
 from ..model.layers import LayerInfo, find_layers, weight_groups
@@ -349,11 +350,11 @@ def save(model: nn.Module, result, directory: Union[str, os.PathLike]) -> Dict[s
     if not states:
         raise ValueError("result has no compressed layer to save")
     directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise ValueError(f"{directory} exists and is not a directory")
-    if directory.is_dir() and any(directory.iterdir()) and not (directory / CONFIG_FILE).is_file():
-        raise ValueError(f"{directory} is a non-empty directory that is not an obcompress artifact; "
-                         "refusing to replace it")
+    # Refuse early, before any work; the same check runs again under the lock of the swap, since
+    # another save may replace the directory meanwhile (and is absent for an instant while it does).
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with directory_lock(directory.parent, wait=True, what=f"the parent of {directory}"):
+        _check_replaceable(directory)
 
     found = find_layers(model)
     sd = model.state_dict()
@@ -409,7 +410,7 @@ def save(model: nn.Module, result, directory: Union[str, os.PathLike]) -> Dict[s
         "activation_quantizers": quantizers_to_dict(getattr(result, "activation_quantizers", {}) or {}),
     }
 
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, check=_check_replaceable) as tmp:
         weights = tmp / WEIGHTS_FILE
         save_file(tensors, str(weights), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
         config["files"] = {WEIGHTS_FILE: {"bytes": weights.stat().st_size, "sha256": _sha256(weights)}}
@@ -421,6 +422,18 @@ def save(model: nn.Module, result, directory: Union[str, os.PathLike]) -> Dict[s
                          + (tmp / RECIPE_FILE).stat().st_size)
         (tmp / REPORT_FILE).write_bytes(report)
     return config
+
+
+def _check_replaceable(directory: Path) -> None:
+    """An artifact may replace nothing, an empty directory or another artifact (call under the
+    parent's lock: a concurrent save's swap must not be seen half-way)."""
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise ValueError(f"{directory} exists and is not a directory")
+    if any(directory.iterdir()) and not (directory / CONFIG_FILE).is_file():
+        raise ValueError(f"{directory} is a non-empty directory that is not an obcompress artifact; "
+                         "refusing to replace it")
 
 
 def _report(result, config, fp32: int, other_bytes: int) -> bytes:
