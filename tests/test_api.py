@@ -48,8 +48,8 @@ def _measured_loss(dense_info, new_model, name, H):
         {"solver": "exact", "ignore": ["conv1"], "sparsity": {"mask_structure": "2:4"}, "quantization": {"num_bits": 4}},
         {"solver": "gptq", "quantization": {"num_bits": 3, "act_order": True}},
         {"solver": "sparsegpt", "sparsity": {"sparsity": 0.5}, "quantization": {"num_bits": 4}},
-        {"solver": "magnitude", "sparsity": {"sparsity": 0.5}},
-        {"solver": "rtn", "quantization": {"num_bits": 8, "symmetric": False}},
+        {"solver": "magnitude", "sparsity": {"sparsity": 0.5}, "layer_loss": True},
+        {"solver": "rtn", "quantization": {"num_bits": 8, "symmetric": False}, "layer_loss": True},
         {"solver": "best", "quantization": {"num_bits": 3}},
     ],
 )

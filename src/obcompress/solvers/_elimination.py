@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _native
+from . import progress as _progress
 from ._common import MaskStructure
 
 # Pending vectors per flush: large enough for the rank-B update to run at GEMM speed, small
@@ -338,6 +339,13 @@ def _for_chunks(chunks, run, buffer_elems, dtype, device, parallel):
     to share well), and torch's thread count is restored afterwards.
     """
     workers = min(torch.get_num_threads(), len(chunks)) if parallel else 1
+    tick = _progress.rows_reporter(sum(len(rows) for rows in chunks))
+    if tick is not None:
+        inner = run
+
+        def run(rows, buffers):
+            inner(rows, buffers)
+            tick(len(rows))
 
     def make_buffers():
         return (torch.empty(buffer_elems, dtype=dtype, device=device),
