@@ -39,7 +39,8 @@ RAY_HINT = "pip install 'obcompress[ray]' (or: pip install ray)"
 @dataclass
 class LayerJob:
     """One layer's work: ``fn(*args)``. ``fn`` must be a module-level function (Ray ships it by
-    name); the tensors among ``args`` go through the object store."""
+    name); the tensors among ``args`` go through the object store. An executor drops ``args`` once
+    the job has run here (or has been handed to Ray), so that Hessians are freed as the work goes."""
 
     name: str
     fn: Callable[..., Any]
@@ -76,11 +77,13 @@ class LocalExecutor(Executor):
 
     def run(self, jobs: Sequence[LayerJob]) -> Iterator[Tuple[int, Any]]:
         for i, job in enumerate(jobs):
+            args, job.args = job.args, ()
             if job.progress is not None:
                 with solver_progress.listen(job.progress):
-                    result = job.fn(*job.args)
+                    result = job.fn(*args)
             else:
-                result = job.fn(*job.args)
+                result = job.fn(*args)
+            del args
             yield i, result
 
 
@@ -130,6 +133,7 @@ class RayExecutor(Executor):
             for i in sorted(range(len(jobs)), key=lambda k: -jobs[k].estimate):
                 job = jobs[i]
                 args = [ray.put(a) if isinstance(a, torch.Tensor) else a for a in job.args]
+                job.args = ()
                 ref = self._remote.options(
                     num_cpus=job.cpus, num_gpus=job.gpus, max_retries=self.max_retries, retry_exceptions=False,
                     name=f"obcompress {job.fn.__name__} {job.name}",
