@@ -142,3 +142,15 @@ def test_search_fit_on_a_model_without_logits_uses_its_fisher_task(cache, capsys
     assert set(recipe["targets"]) <= {"0", "2"} and recipe["targets"]
     assert main(["compress", "--model", f"{spec}:factory", "--recipe", str(out / "recipe.yaml"), "--out",
                  str(cache / "art"), "--calibration-samples", "256", "--no-progress"]) == 0
+
+
+def test_executor_ray_without_ray_says_what_to_install(cache, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    recipe = cache / "r.yaml"
+    recipe.write_text("solver: rtn\nquantization:\n  num_bits: 4\n")
+    with pytest.raises(SystemExit) as e:
+        main(["compress", "--model", "digits-cnn", "--recipe", str(recipe), "--out", str(cache / "a"),
+              "--executor", "ray", "--no-progress"])
+    assert e.value.code == 2 and "pip install 'obcompress[ray]'" in capsys.readouterr().err

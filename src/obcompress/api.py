@@ -282,7 +282,7 @@ def compress(
                            estimate=est)
             if est > LONG_SOLVE_SECONDS:
                 say(f"layer {name}: exact {'+'.join(_exact_kinds(schemes[name]))} on "
-                    f"{'x'.join(str(x) for x in shape if x)} takes about {format_seconds(est)} here (rows x cols^3 "
+                    f"{'x'.join(str(x) for x in (shape if shape[0] > 1 else shape[1:]))} takes about {format_seconds(est)} here (rows x cols^3 "
                     f"at this machine's measured rate); faster: solver sparsegpt / gptq for it "
                     f"(layers: {{{name}: {{solver: sparsegpt}}}}), or --executor ray to solve layers side by side")
                 job.progress = EtaLine(lambda text, n=name: bar.set_postfix_str(f"{n}: {text}", refresh=True))

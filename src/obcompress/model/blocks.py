@@ -98,8 +98,8 @@ def find_blocks(model: nn.Module, sequential_targets: Optional[Sequence[str]] = 
     return blocks, f"{name or '<root>'}: {len(blocks)} x {type(module[0]).__name__}"
 
 
-class _NotChainable(BaseException):
-    """Raised by the probe's hooks to end the probe pass: the blocks cannot be run one by one."""
+class _NotChainable(Exception):
+    """Raised inside the probe's block hooks once the blocks turn out not to chain (caught there)."""
 
 
 @dataclass
@@ -193,6 +193,19 @@ def plan_blocks(model: nn.Module, layers: Mapping[str, LayerInfo], batch: Any,
         plan.reason = why
         raise _NotChainable
 
+    def checked(hook):
+        # After the first problem the pass goes on (every layer's calls are still recorded for the
+        # layer-wise fallback), with the block checks off.
+        def run(*args):
+            if plan.reason is not None:
+                return None
+            try:
+                return hook(*args)
+            except _NotChainable:
+                return None
+
+        return run
+
     def block_pre(module, args, kwargs):
         i = index[id(module)]
         name = blocks[i][0]
@@ -256,14 +269,11 @@ def plan_blocks(model: nn.Module, layers: Mapping[str, LayerInfo], batch: Any,
     handles = []
     try:
         for _, m in blocks:
-            handles.append(m.register_forward_pre_hook(block_pre, with_kwargs=True))
-            handles.append(m.register_forward_hook(block_post))
+            handles.append(m.register_forward_pre_hook(checked(block_pre), with_kwargs=True))
+            handles.append(m.register_forward_hook(checked(block_post)))
         for name, info in layers.items():
             handles.append(info.module.register_forward_pre_hook(layer_pre(name, info), with_kwargs=True))
-        try:
-            run_model(model, batch)
-        except _NotChainable:
-            pass
+        run_model(model, batch)
     finally:
         for h in handles:
             h.remove()
