@@ -1,5 +1,5 @@
-import re
 import copy
+import re
 
 import pytest
 import yaml

@@ -687,6 +687,7 @@ def build_database(
         try:
             with HessianHooks(layers) as hooks, torch.no_grad():
                 for batch in batches:
+                    hooks.begin_batch()  # layers fed one tensor then share one accumulator
                     run_model(model, batch)
             hessians = hooks.hessians()
             counts = hooks.nsamples()
