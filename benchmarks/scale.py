@@ -17,11 +17,14 @@ Each measurement runs in a child process of its own (``--one``), so that its pea
     python benchmarks/scale.py effnet-db [--space small]
         efficientnet-lite0's database (the zoo's 256 stamps) with the local executor and with Ray on this
         machine, alternately: wall seconds, Ray's overhead, and whether every tensor is identical.
-    python benchmarks/scale.py resnet50 [--variants s0.5,2:4,w4] [--rows 16]
+    python benchmarks/scale.py resnet50 [--space default] [--units 5e10]
         The layers of a ResNet-50 (their shapes written out here: torchvision cannot be installed beside
         torch 2.13 on this machine), random weights and Hessians, so timing only: each distinct layer
-        shape's database record time, measured on --rows rows and scaled by rows (rows are independent),
-        and the projection of the whole model's database onto 1, 8 and 64 machines.
+        shape's database record time in the space. A shape whose rows x cols^3 is at most --units is
+        measured whole; a larger one on n and 2n rows (n x cols^3 about --units / 3), and its time for
+        all rows is the straight line through those two (the exact solvers' rows are independent; the
+        line's intercept is the per-layer overhead). Then the projection of the whole model's database
+        onto 1, 8 and 64 machines.
 
 Times are on the shared 2-core machine; the load is printed with each table.
 """
@@ -310,10 +313,11 @@ def resnet50_layers() -> List[Dict[str, Any]]:
 
 
 def one_resnet_shape(rows: int, cols: int, variants: str) -> Dict[str, Any]:
+    from obcompress.search import default_space
     from obcompress.search.database import _build_layer
     from obcompress.search.space import SearchSpace
 
-    space = SearchSpace.from_dict({"variants": variants.split(",")})
+    space = default_space() if variants == "default" else SearchSpace.from_dict({"variants": variants.split(",")})
     g = torch.Generator().manual_seed(0)
     X = torch.randn(max(2 * cols, 256), cols, generator=g, dtype=torch.float64)
     H = (2 * X.t() @ X / X.shape[0]).unsqueeze(0)
@@ -331,19 +335,29 @@ def resnet50(args) -> None:
     print(f"-- {len(layers)} layers, {len(shapes)} distinct shapes ({_load()})", file=sys.stderr, flush=True)
     per_shape = {}
     for (o, c), names in sorted(shapes.items(), key=lambda kv: kv[0][1]):
-        rows = min(o, args.rows)
-        r = _child(["--one", "resnet-shape", str(rows), str(c), args.variants, "--threads", str(args.threads)])
-        r["rows_measured"], r["rows"], r["cols"], r["layers"] = rows, o, c, names
-        r["full_s"] = r["seconds"] * o / rows
+        if o * c ** 3 <= args.units:
+            r = _child(["--one", "resnet-shape", str(o), str(c), args.space, "--threads", str(args.threads)])
+            r["rows_measured"], r["full_s"] = [o], r["seconds"]
+        else:
+            n = max(1, int(args.units / 3 / c ** 3))
+            a = _child(["--one", "resnet-shape", str(n), str(c), args.space, "--threads", str(args.threads)])
+            b = _child(["--one", "resnet-shape", str(2 * n), str(c), args.space, "--threads", str(args.threads)])
+            per_row = max(0.0, (b["seconds"] - a["seconds"]) / n)
+            fixed = max(0.0, a["seconds"] - per_row * n)
+            r = {"seconds": [a["seconds"], b["seconds"]], "rows_measured": [n, 2 * n], "variants": b["variants"],
+                 "full_s": fixed + per_row * o}
+        r["rows"], r["cols"], r["layers"] = o, c, names
         per_shape[(o, c)] = r
         print(json.dumps(r), flush=True)
-    print(f"\nResNet-50-shaped layers (timing only: random W and H), database of {args.variants}, measured on "
-          f"{args.rows} rows per shape and scaled by rows, {args.threads} threads, {_load()}")
-    print("| rows x cols | layers | measured s (rows) | per layer s (all rows) |")
-    print("|---|---:|---:|---:|")
+    print(f"\nResNet-50-shaped layers (timing only: random W and H), database of the {args.space} space, "
+          f"measured on a few rows per shape and scaled by rows, {args.threads} threads, {_load()}")
+    print("| rows x cols | layers | variants | measured s (rows) | per layer s (all rows) |")
+    print("|---|---:|---:|---:|---:|")
     times = []
     for (o, c), r in sorted(per_shape.items(), key=lambda kv: -kv[1]["full_s"]):
-        print(f"| {o}x{c} | {len(r['layers'])} | {r['seconds']:.1f} ({r['rows_measured']}) | {r['full_s']:.0f} |")
+        secs = r["seconds"] if isinstance(r["seconds"], list) else [r["seconds"]]
+        measured = ", ".join(f"{s:.1f} ({n})" for s, n in zip(secs, r["rows_measured"]))
+        print(f"| {o}x{c} | {len(r['layers'])} | {r['variants']} | {measured} | {r['full_s']:.0f} |")
         times += [r["full_s"]] * len(r["layers"])
     total, slowest = sum(times), max(times)
     print(f"all {len(times)} layers: {total / 3600:.1f} h of single-worker work; the slowest layer {slowest / 60:.1f} min")
@@ -369,8 +383,8 @@ def main(argv=None) -> int:
     ap.add_argument("--block", type=int, default=0)
     ap.add_argument("--space", default="default", help="default, or variant keys separated by commas")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--variants", default="s0.5,2:4,w4")
-    ap.add_argument("--rows", type=int, default=16)
+    ap.add_argument("--units", type=float, default=5e10, help="resnet50: shapes above this many rows x cols^3 "
+                    "are measured on fewer rows")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.one:
