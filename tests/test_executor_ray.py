@@ -135,3 +135,15 @@ def test_a_task_whose_worker_dies_is_retried_and_errors_come_back_as_they_were(t
     assert ex.map([LayerJob("fc1", _die_once, (str(tmp_path / "died"), torch.ones(3)))])[0].tolist() == [2, 2, 2]
     with pytest.raises(ValueError, match="^layer fc9: H is not positive definite$"):
         ex.map([LayerJob("fc9", _refuse, (1,))])
+
+
+def _threads(_):
+    return torch.get_num_threads()
+
+
+def test_a_job_larger_than_its_share_asks_for_more_cpus():
+    ex = RayExecutor()
+    jobs = [LayerJob("big", _threads, (0,), estimate=10.0)] + [LayerJob(f"s{i}", _threads, (0,), estimate=1.0)
+                                                               for i in range(3)]
+    assert ex._cpus(jobs) == [2.0, 1.0, 1.0, 1.0]  # 2 CPUs here: the big job gets the node
+    assert ex.map(jobs) == [2, 1, 1, 1]  # and runs with as many threads

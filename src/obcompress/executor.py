@@ -8,7 +8,8 @@ An executor only runs jobs and hands the results back, in the order they finish,
 which is the one writer of the model, the artifact or the database files: workers never write to
 disk, so a cluster needs no shared filesystem, and a killed driver leaves only whole files behind.
 
-``ray``: each job is a Ray task that declares the CPUs (and GPUs) it uses, its tensors travel
+``ray``: each job is a Ray task that declares the CPUs (and GPUs) it uses (one, or more for a job
+expected to take more than its share of the cluster), its tensors travel
 through Ray's object store, and a task whose worker process dies is retried (``max_retries``);
 errors a job raises (a ``ValueError`` naming the layer) are not retried but re-raised here.
 ``address=None`` starts a local Ray on this machine's cores, unless Ray is already running in this
@@ -126,18 +127,34 @@ class RayExecutor(Executor):
         nodes = len([n for n in self._ray.nodes() if n.get("Alive")])
         return f"ray ({nodes} node{'s' if nodes != 1 else ''}, {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs)"
 
+    def _cpus(self, jobs: Sequence[LayerJob]) -> List[float]:
+        """CPUs each job asks for: its own, or for a job expected to take more than its fair share of
+        the cluster (the estimated total over the CPUs), that many shares, up to one node's CPUs — so
+        that one large layer does not run single-threaded while the rest of the cluster waits for it."""
+        total = sum(j.estimate for j in jobs)
+        nodes = [n.get("Resources", {}).get("CPU", 0) for n in self._ray.nodes() if n.get("Alive")]
+        cluster, node = sum(nodes), max(nodes, default=1)
+        out = []
+        for j in jobs:
+            cpus = j.cpus
+            if total > 0 and cluster > 1 and j.gpus == 0 and j.estimate > total / cluster:
+                cpus = max(cpus, float(min(node, -(-j.estimate // (total / cluster)))))
+            out.append(cpus)
+        return out
+
     def run(self, jobs: Sequence[LayerJob]) -> Iterator[Tuple[int, Any]]:
         ray = self._ray
         pending: Dict[Any, int] = {}
+        cpus = self._cpus(jobs)
         try:
             for i in sorted(range(len(jobs)), key=lambda k: -jobs[k].estimate):
                 job = jobs[i]
                 args = [ray.put(a) if isinstance(a, torch.Tensor) else a for a in job.args]
                 job.args = ()
                 ref = self._remote.options(
-                    num_cpus=job.cpus, num_gpus=job.gpus, max_retries=self.max_retries, retry_exceptions=False,
+                    num_cpus=cpus[i], num_gpus=job.gpus, max_retries=self.max_retries, retry_exceptions=False,
                     name=f"obcompress {job.fn.__name__} {job.name}",
-                ).remote(job.fn, job.cpus, *args)
+                ).remote(job.fn, cpus[i], *args)
                 pending[ref] = i
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
