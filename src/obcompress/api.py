@@ -297,6 +297,8 @@ def compress(
             loss = "-" if report.loss is None else f"{report.loss:.3g}"
             bar.set_postfix_str(f"{name}: loss {loss}, {report.seconds:.1f} s")
 
+    if pool.kind != "local":
+        say(f"per-layer solves on {pool.describe()}")
     try:
         free = [n for n in layers if n not in needs_h]
         if recipe.calibration == "sequential":
