@@ -14,9 +14,10 @@ Each measurement runs in a child process of its own (``--one``), so that its pea
         Ray task each on this machine: per-task seconds, the wall time, and the projection of all 210
         layers onto 1, 8 and 64 such machines (list scheduling of the measured task times, longest
         first; parallel calibration fans all 210 out, block-wise sequential only a block's 7 at a time).
-    python benchmarks/scale.py effnet-db [--space small]
-        efficientnet-lite0's database (the zoo's 256 stamps) with the local executor and with Ray on this
-        machine, alternately: wall seconds, Ray's overhead, and whether every tensor is identical.
+    python benchmarks/scale.py effnet-db [--space s0.5,w4] [--repeats 2]
+        efficientnet-lite0's database (the zoo's 256 stamps), alternately with the local executor (one
+        thread), with Ray on 1 CPU (one worker, one thread: the same work, so the difference is Ray's
+        overhead) and with Ray on 2 CPUs: wall seconds, and whether every tensor is identical.
     python benchmarks/scale.py resnet50 [--space default] [--units 5e10]
         The layers of a ResNet-50 (their shapes written out here: torchvision cannot be installed beside
         torch 2.13 on this machine), random weights and Hessians, so timing only: each distinct layer
@@ -229,7 +230,7 @@ def exact_ray(args) -> None:
 # ------------------------------------------------------------------------------------------------ efficientnet database
 
 
-def one_effnet_db(executor: str, directory: str, space: str) -> Dict[str, Any]:
+def one_effnet_db(executor: str, directory: str, space: str, ray_cpus: int) -> Dict[str, Any]:
     from obcompress.search import default_space
     from obcompress.search.database import build_database
     from obcompress.search.space import SearchSpace
@@ -241,10 +242,11 @@ def one_effnet_db(executor: str, directory: str, space: str) -> Dict[str, Any]:
     if executor == "ray":
         from obcompress.executor import RayExecutor
 
-        RayExecutor()  # Ray's start-up is part of what the ray run costs
+        RayExecutor(num_cpus=ray_cpus)  # Ray's start-up is part of what the ray run costs
     db = build_database(entry.model, entry.calibration, directory, sp, num_calibration_samples=256, progress=True,
                         executor=executor, overwrite=True)
-    return {"executor": executor, "wall_s": time.perf_counter() - t0, "layers": len(db.layers),
+    name = executor if executor == "local" else f"ray {ray_cpus} CPU"
+    return {"executor": name, "wall_s": time.perf_counter() - t0, "layers": len(db.layers),
             "hessian_s": db.manifest["hessian_seconds"], "layer_s": sum(e.seconds for e in db.layers.values())}
 
 
@@ -265,18 +267,19 @@ def effnet_db(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         dirs = {}
         for rep in range(args.repeats):
-            for ex in ("local", "ray"):
-                d = Path(tmp) / f"{ex}{rep}"
-                print(f"-- database {ex} #{rep} ({_load()})", file=sys.stderr, flush=True)
-                r = _child(["--one", "effnet-db", ex, str(d), args.space, "--threads", str(args.threads)])
+            for ex, cpus in (("local", 0), ("ray", 1), ("ray", 2)):
+                d = Path(tmp) / f"{ex}{cpus}-{rep}"
+                print(f"-- database {ex} {cpus or ''} #{rep} ({_load()})", file=sys.stderr, flush=True)
+                r = _child(["--one", "effnet-db", ex, str(d), args.space, str(cpus), "--threads", str(args.threads)])
                 r["load"] = _load()
                 rows.append(r)
-                dirs.setdefault(ex, d)
+                dirs.setdefault(r.get("executor", "?"), d)
                 print(json.dumps(r), flush=True)
-        a, b = _db_tensors(dirs["local"]), _db_tensors(dirs["ray"])
-        same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    print(f"\nefficientnet-lite0 database, space {args.space}, {args.threads} threads (local) / 2 Ray workers of "
-          f"1 CPU each")
+        base = _db_tensors(dirs["local"])
+        same = {k: v.keys() == base.keys() and all(torch.equal(v[t], base[t]) for t in base)
+                for k, v in ((k, _db_tensors(d)) for k, d in dirs.items() if k != "local")}
+    print(f"\nefficientnet-lite0 database, space {args.space}, {args.threads} thread(s) locally, Ray workers of one "
+          f"thread each")
     print("| executor | wall s | Hessian s | sum of layer s | load after |")
     print("|---|---:|---:|---:|---|")
     for r in rows:
@@ -284,9 +287,10 @@ def effnet_db(args) -> None:
             print(f"| ? | {r['error']} |")
             continue
         print(f"| {r['executor']} | {r['wall_s']:.0f} | {r['hessian_s']:.0f} | {r['layer_s']:.0f} | {r['load']} |")
-    best = {ex: min(r["wall_s"] for r in rows if r.get("executor") == ex) for ex in ("local", "ray")}
-    print(f"best of {args.repeats}: local {best['local']:.0f} s, ray {best['ray']:.0f} s: Ray / local = "
-          f"{best['ray'] / best['local']:.3f}; {len(a)} tensors, all identical: {same}")
+    best = {ex: min(r["wall_s"] for r in rows if r.get("executor") == ex) for ex in dirs}
+    print(f"best of {args.repeats}: " + ", ".join(f"{k} {v:.0f} s ({v / best['local']:.3f} x local)"
+                                               for k, v in best.items()))
+    print(f"{len(base)} tensors per database; identical to the local build's: {same}")
 
 
 # ------------------------------------------------------------------------------------------------ ResNet-50
@@ -378,7 +382,8 @@ def main(argv=None) -> int:
                     default="dense,seq-sparsegpt50,seq-gptq4,par-sparsegpt50,par-gptq4".split(","))
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--eval-windows", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (on a loaded shared machine two "
+                    "threads stall each other: measured 3-5x slower than one)")
     ap.add_argument("--executor", default="local", choices=("local", "ray"))
     ap.add_argument("--block", type=int, default=0)
     ap.add_argument("--space", default="default", help="default, or variant keys separated by commas")
@@ -394,7 +399,7 @@ def main(argv=None) -> int:
         elif kind == "exact-ray":
             r = one_exact_ray(int(rest[0]), args.windows)
         elif kind == "effnet-db":
-            r = one_effnet_db(rest[0], rest[1], rest[2])
+            r = one_effnet_db(rest[0], rest[1], rest[2], int(rest[3]))
         else:
             r = one_resnet_shape(int(rest[0]), int(rest[1]), rest[2])
         print(json.dumps(r))
