@@ -126,7 +126,7 @@ def one_smollm2(run: str, windows: int, eval_windows: int, executor: str) -> Dic
     out["layers"] = len(result.layers)
     out["solve_s"] = sum(r.seconds for r in result.layers)
     out["loss"] = result.total_loss
-    out["calibration"] = result.calibration
+    out["calibration"] = dict(result.calibration, shared_inputs=len(result.calibration.get("shared_inputs", {})))
     out["rss_compress_mib"] = _peak_rss_mib()
     out["ppl"] = S.perplexity(model, evals)
     out["rss_mib"] = _peak_rss_mib()
@@ -155,8 +155,14 @@ def smollm2(args) -> None:
         cal = r.get("calibration", {})
         sec = cal.get("seconds", {})
         hess = sum(sec.get(k, 0.0) for k in ("probe", "capture", "hessians", "layerwise")) if sec else None
+        cpu = cal.get("cpu_seconds", {})
+        if cpu and r.get("forward_cpu_s"):
+            r["hessians_over_forward_cpu"] = sum(cpu.get(k, 0.0) for k in ("probe", "capture", "hessians",
+                                                                          "layerwise")) / r["forward_cpu_s"]
         prop = sec.get("propagate") if sec else None
         ratio = f"{hess / r['forward_s']:.2f}" if hess else "-"
+        if "hessians_over_forward_cpu" in r:
+            ratio += f" (CPU {r['hessians_over_forward_cpu']:.2f})"
         rss = r.get("rss_mib")
         rel = f"{rss / dense['rss_mib']:.2f}" if dense and rss and "rss_mib" in dense else "-"
         print(f"| {r['run']} | {r.get('compress_s', 0):.0f} | {r.get('compress_cpu_s', 0):.0f} | {hess or 0:.0f} | "

@@ -397,7 +397,7 @@ def sequential_calibration(
     and must write their compressed weights into the model before it returns.
 
     Returns what ran: ``{"path": "blocks" | "layers", "found_by", "reason", "blocks", "model_passes",
-    "block_passes", "shared_inputs", "seconds": {...}}``. The train/eval flags and a Hugging Face ``config.use_cache`` are restored.
+    "block_passes", "shared_inputs", "seconds": {phase: wall s}, "cpu_seconds": {phase: CPU s}}``. The train/eval flags and a Hugging Face ``config.use_cache`` are restored.
     """
     from tqdm.auto import tqdm
 
@@ -409,13 +409,25 @@ def sequential_calibration(
         config.use_cache = False
     model.eval()
     seconds = {"probe": 0.0, "hessians": 0.0, "propagate": 0.0, "capture": 0.0, "layerwise": 0.0}
+    cpu = dict(seconds)  # the same phases in CPU seconds of this process (fair on a loaded machine)
     # Passes of the whole model (the probe, the capture, the layer-wise ones: those stop early) and of one block.
-    info: Dict[str, Any] = {"model_passes": 0, "block_passes": 0, "seconds": seconds}
+    info: Dict[str, Any] = {"model_passes": 0, "block_passes": 0, "seconds": seconds, "cpu_seconds": cpu}
+
+    class phase:
+        def __init__(self, name):
+            self.name = name
+
+        def __enter__(self):
+            self.t, self.c = time.perf_counter(), time.process_time()
+
+        def __exit__(self, *exc):
+            seconds[self.name] += time.perf_counter() - self.t
+            cpu[self.name] += time.process_time() - self.c
+
     try:
         with torch.no_grad():
-            t0 = time.perf_counter()
-            plan = plan_blocks(model, layers, batches[0], sequential_targets)
-            seconds["probe"] = time.perf_counter() - t0
+            with phase("probe"):
+                plan = plan_blocks(model, layers, batches[0], sequential_targets)
             info["model_passes"] += 1
             info.update(found_by=plan.found_by, reason=plan.reason, blocks=len(plan.blocks),
                         shared_inputs=dict(plan.shares))
@@ -423,17 +435,16 @@ def sequential_calibration(
             def layerwise(names: Sequence[str], what: str) -> None:
                 """One pass per distinct input, stopped right after it (the fallback, and the
                 layers outside the blocks)."""
-                t = time.perf_counter()
                 groups = _groups(names, plan.shares)
                 bar = tqdm(groups, desc=what, unit="input", disable=not progress, leave=False, file=sys.stderr)
                 for group in bar:
                     bar.set_postfix_str(", ".join(group)[:60])
-                    H = collect_hessians(model, {group[0]: layers[group[0]]}, batches, stop_early=True)[group[0]]
+                    with phase("layerwise"):
+                        H = collect_hessians(model, {group[0]: layers[group[0]]}, batches, stop_early=True)[group[0]]
                     info["model_passes"] += 1
                     compress_fn(group, {n: H for n in group})
                     del H
                 bar.close()
-                seconds["layerwise"] += time.perf_counter() - t
 
             if not plan.chained:
                 info["path"] = "layers"
@@ -447,24 +458,23 @@ def sequential_calibration(
             if plan.before:
                 layerwise(plan.before, "calibrate layers before the blocks")
             keep_on = _module_device(plan.blocks[0][1])
-            t = time.perf_counter()
             cache: List[Tuple[tuple, dict]] = []
             cap = _Capture(plan.blocks[0][1], keep_on)
             try:
-                for batch in tqdm(batches, desc="capture block inputs", unit="batch", disable=not progress,
-                                  leave=False, file=sys.stderr):
-                    cap.inputs = None
-                    try:
-                        run_model(model, batch)
-                    except StopForward:
-                        pass
-                    if cap.inputs is None:
-                        raise ValueError(f"block {plan.blocks[0][0]} was not called on a calibration batch")
-                    cache.append(cap.inputs)
+                with phase("capture"):
+                    for batch in tqdm(batches, desc="capture block inputs", unit="batch", disable=not progress,
+                                      leave=False, file=sys.stderr):
+                        cap.inputs = None
+                        try:
+                            run_model(model, batch)
+                        except StopForward:
+                            pass
+                        if cap.inputs is None:
+                            raise ValueError(f"block {plan.blocks[0][0]} was not called on a calibration batch")
+                        cache.append(cap.inputs)
             finally:
                 cap.handle.remove()
             info["model_passes"] += 1
-            seconds["capture"] = time.perf_counter() - t
             at = plan.hidden_at
             bar = tqdm(list(enumerate(plan.blocks)), desc="blocks", unit="block", disable=not progress,
                        file=sys.stderr)
@@ -483,24 +493,21 @@ def sequential_calibration(
                     names = plan.block_layers[i]
                     if names:
                         bar.set_postfix_str(f"{bname}: Hessians of {len(names)} layers")
-                        t = time.perf_counter()
-                        with HessianHooks({n: layers[n] for n in names}) as hooks:
+                        with phase("hessians"), HessianHooks({n: layers[n] for n in names}) as hooks:
                             for inputs in cache:
                                 hooks.begin_batch()
                                 run(inputs)
                         hessians = hooks.hessians()
                         del hooks
-                        seconds["hessians"] += time.perf_counter() - t
                         bar.set_postfix_str(f"{bname}: compressing {len(names)} layers")
                         compress_fn(list(names), hessians)
                         del hessians
                     if i + 1 < len(plan.blocks):
                         bar.set_postfix_str(f"{bname}: inputs of the next block")
-                        t = time.perf_counter()
-                        for j, inputs in enumerate(cache):
-                            out = _output_hidden(run(inputs))
-                            cache[j] = _with_hidden(inputs, at, _to(out, keep_on if keep_on != run_on else None))
-                        seconds["propagate"] += time.perf_counter() - t
+                        with phase("propagate"):
+                            for j, inputs in enumerate(cache):
+                                out = _output_hidden(run(inputs))
+                                cache[j] = _with_hidden(inputs, at, _to(out, keep_on if keep_on != run_on else None))
                 finally:
                     if run_on is not None and home is not None and run_on != home:
                         block.to(home)
