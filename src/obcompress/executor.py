@@ -12,8 +12,8 @@ disk, so a cluster needs no shared filesystem, and a killed driver leaves only w
 expected to take more than its share of the cluster), its tensors travel
 through Ray's object store, and a task whose worker process dies is retried (``max_retries``);
 errors a job raises (a ``ValueError`` naming the layer) are not retried but re-raised here.
-``address=None`` starts a local Ray on this machine's cores, unless Ray is already running in this
-process; an address (``HEAD:6379``, or ``auto``) joins a running cluster, started beforehand with
+``address=None`` starts a local Ray on this machine's cores (its workers at the driver's priority,
+not Ray's default of 15 niceness levels lower), unless Ray is already running in this process; an address (``HEAD:6379``, or ``auto``) joins a running cluster, started beforehand with
 ``ray start --head`` on one machine and ``ray start --address=HEAD:6379`` on the others (each with
 obcompress installed in the same Python environment). The same job gives the same bits on either
 executor: the solvers' results do not depend on the number of threads they run with.
@@ -23,6 +23,7 @@ Never a scheduler of our own: Ray places the tasks.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -112,6 +113,10 @@ class RayExecutor(Executor):
         self.address = address
         self.max_retries = int(max_retries)
         if not ray.is_initialized():
+            if address is None:
+                # Ray starts its workers 15 niceness levels below the driver by default; the workers
+                # do the compute here, and on a shared machine they would starve.
+                os.environ.setdefault("RAY_worker_niceness", "0")
             try:
                 ray.init(address=address, include_dashboard=False, **init_kwargs)
             except (ConnectionError, RuntimeError) as e:
