@@ -23,9 +23,10 @@ Each measurement runs in a child process of its own (``--one``), so that its pea
         torch 2.13 on this machine), random weights and Hessians, so timing only: each distinct layer
         shape's database record time in the space. A shape whose rows x cols^3 is at most --units is
         measured whole; a larger one on n and 2n rows (n x cols^3 about --units / 3), and its time for
-        all rows is the straight line through those two (the exact solvers' rows are independent; the
-        line's intercept is the per-layer overhead). Then the projection of the whole model's database
-        onto 1, 8 and 64 machines.
+        all rows is the 2n-row time x rows / 2n (the exact solvers' rows are independent; scaling the
+        per-layer overhead with the rows too makes this an upper bound; both measurements are printed).
+        Then the projection of the whole model's database onto 1, 8 and 64 machines.
+        ``--from-json FILE`` tabulates the JSON lines of an earlier run again.
 
 Times are on the shared 2-core machine; the load is printed with each table.
 """
@@ -344,6 +345,14 @@ def resnet50(args) -> None:
         shapes.setdefault((L["o"], L["i"] * L["k"] * L["k"]), []).append(L["name"])
     print(f"-- {len(layers)} layers, {len(shapes)} distinct shapes ({_load()})", file=sys.stderr, flush=True)
     per_shape = {}
+    if args.from_json:
+        for line in Path(args.from_json).read_text().splitlines():
+            if line.startswith("{"):
+                r = json.loads(line)
+                if isinstance(r["seconds"], list):
+                    r["full_s"] = r["seconds"][-1] * r["rows"] / r["rows_measured"][-1]
+                per_shape[(r["rows"], r["cols"])] = r
+        shapes = {}
     for (o, c), names in sorted(shapes.items(), key=lambda kv: kv[0][1]):
         if o * c ** 3 <= args.units:
             r = _child(["--one", "resnet-shape", str(o), str(c), args.space, "--threads", str(args.threads)])
@@ -352,10 +361,8 @@ def resnet50(args) -> None:
             n = max(1, int(args.units / 3 / c ** 3))
             a = _child(["--one", "resnet-shape", str(n), str(c), args.space, "--threads", str(args.threads)])
             b = _child(["--one", "resnet-shape", str(2 * n), str(c), args.space, "--threads", str(args.threads)])
-            per_row = max(0.0, (b["seconds"] - a["seconds"]) / n)
-            fixed = max(0.0, a["seconds"] - per_row * n)
             r = {"seconds": [a["seconds"], b["seconds"]], "rows_measured": [n, 2 * n], "variants": b["variants"],
-                 "full_s": fixed + per_row * o}
+                 "full_s": b["seconds"] * o / (2 * n)}
         r["rows"], r["cols"], r["layers"] = o, c, names
         per_shape[(o, c)] = r
         print(json.dumps(r), flush=True)
@@ -394,6 +401,7 @@ def main(argv=None) -> int:
     ap.add_argument("--block", type=int, default=0)
     ap.add_argument("--space", default="default", help="default, or variant keys separated by commas")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--from-json", default=None, help="resnet50: tabulate the JSON lines of an earlier run")
     ap.add_argument("--units", type=float, default=5e10, help="resnet50: shapes above this many rows x cols^3 "
                     "are measured on fewer rows")
     args = ap.parse_args(argv)
