@@ -150,7 +150,7 @@ def main(argv=None) -> int:
             else:
                 skipped.append(f"{name} {R}x{C} CPU check")
             rows_out.append(row)
-        del W, H
+        W = H = Wc = Hc = None  # the next layer's problem replaces them
         if gpu.startswith("cuda"):
             torch.cuda.empty_cache()
 

@@ -21,9 +21,9 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 import torch
 from torch import nn
 
-from .model.activations import ActivationHooks, ActivationQuantizer, attach, calibrate_activation_quantizers
 from .executor import EtaLine, LayerJob, format_seconds, make_executor
 from .jobs import LONG_SOLVE_SECONDS, LayerSolution, estimate_seconds, exact_passes, solve_layer_groups
+from .model.activations import ActivationHooks, ActivationQuantizer, attach, calibrate_activation_quantizers
 from .model.blocks import sequential_calibration
 from .model.calibration import calibration_batches, collect_hessians, count_samples
 from .model.corrections import norm_statistics, reestimate_batchnorm, statistics_correction
