@@ -110,6 +110,7 @@ def build_recipe(model_name: str, recipe_id: str, scope: str, model: torch.nn.Mo
     if base is None:
         return None
     recipe = copy.deepcopy(base)
+    recipe["layer_loss"] = True  # the loss column of magnitude / RTN rows needs their Hessians
     if model_name == "minilm":
         # Mean-pooled embeddings never use BERT's pooler: REFERENCE.md's 36 encoder Linear layers.
         recipe["ignore"] = ["re:pooler\\..*"]
@@ -198,7 +199,7 @@ def run_one(model_name: str, recipe_id: str, scope: str, pristine: torch.nn.Modu
             t1 = time.perf_counter()
             result = compress(model, recipe, entry.calibration, num_calibration_samples=samples, progress=progress)
             row["compress"] = time.perf_counter() - t1
-            row["loss"] = sum(r.loss for r in result.layers)
+            row["loss"] = result.total_loss
             row["layers"] = len(result.layers)
         row["metrics"] = entry.evaluate(model)
         if recipe is not None:

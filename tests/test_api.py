@@ -48,8 +48,8 @@ def _measured_loss(dense_info, new_model, name, H):
         {"solver": "exact", "ignore": ["conv1"], "sparsity": {"mask_structure": "2:4"}, "quantization": {"num_bits": 4}},
         {"solver": "gptq", "quantization": {"num_bits": 3, "act_order": True}},
         {"solver": "sparsegpt", "sparsity": {"sparsity": 0.5}, "quantization": {"num_bits": 4}},
-        {"solver": "magnitude", "sparsity": {"sparsity": 0.5}},
-        {"solver": "rtn", "quantization": {"num_bits": 8, "symmetric": False}},
+        {"solver": "magnitude", "sparsity": {"sparsity": 0.5}, "layer_loss": True},
+        {"solver": "rtn", "quantization": {"num_bits": 8, "symmetric": False}, "layer_loss": True},
         {"solver": "best", "quantization": {"num_bits": 3}},
     ],
 )
@@ -118,11 +118,11 @@ def test_per_layer_overrides_are_applied():
 
 
 def test_failure_half_way_leaves_the_model_unchanged(monkeypatch):
-    import obcompress.api as api
+    import obcompress.jobs as jobs
 
     model, data = _setup(5)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    real = api.solve_layer
+    real = jobs.solve_layer
     calls = []
 
     def failing(W, H, scheme, columns_last):
@@ -131,7 +131,7 @@ def test_failure_half_way_leaves_the_model_unchanged(monkeypatch):
             raise ValueError("H is not positive definite even after relative dampening")
         return real(W, H, scheme, columns_last)
 
-    monkeypatch.setattr(api, "solve_layer", failing)
+    monkeypatch.setattr(jobs, "solve_layer", failing)
     with pytest.raises(ValueError, match="layer conv2"):
         compress(model, {"quantization": {"num_bits": 4}}, data, num_calibration_samples=96, progress=False)
     for k, v in model.state_dict().items():
@@ -270,3 +270,91 @@ def test_progress_bars_stay_out_of_logs(capsys):
     model, data = _setup()
     compress(model, {"solver": "rtn", "quantization": {"num_bits": 8}}, data, progress=True)
     assert "compress" not in capsys.readouterr().err
+
+
+def test_magnitude_and_rtn_collect_no_hessian_unless_layer_loss(monkeypatch):
+    import obcompress.api as api
+
+    model, data = _setup()
+    asked = []
+    real = api.collect_hessians
+
+    def spy(model, layers, batches, **kw):
+        asked.append(sorted(layers))
+        return real(model, layers, batches, **kw)
+
+    monkeypatch.setattr(api, "collect_hessians", spy)
+    recipe = {"solver": "rtn", "quantization": {"num_bits": 4}, "layers": {"fc1": {"solver": "exact"}}}
+    result = compress(copy.deepcopy(model), recipe, data, num_calibration_samples=96, progress=False)
+    assert asked == [["fc1"]]  # only the exact layer needs H
+    assert [r.loss is None for r in result.layers] == [True, True, False, True]
+    table = result.table()
+    assert "over the 1 layers with a Hessian" in table and "set layer_loss: true" in table
+    assert result.total_loss != result.total_loss  # NaN: not every loss was measured
+    asked.clear()
+    result = compress(copy.deepcopy(model), dict(recipe, layer_loss=True), data, num_calibration_samples=96,
+                      progress=False)
+    assert asked == [["conv1", "conv2", "fc1", "fc2"]] and all(r.loss is not None for r in result.layers)
+
+
+def test_long_exact_solves_are_announced_with_the_alternatives_and_show_an_eta(monkeypatch, capsys):
+    import obcompress.api as api
+
+    monkeypatch.setattr(api, "LONG_SOLVE_SECONDS", 0.0)
+    monkeypatch.setattr(api, "_wide", lambda shape: True)
+    model, data = _setup()
+    compress(model, {"solver": "exact", "sparsity": {"sparsity": 0.5}, "targets": ["fc1"]}, data,
+             num_calibration_samples=96, progress=True)
+    err = capsys.readouterr().err
+    assert "layer fc1: exact ExactOBS on 16x128 takes about" in err
+    assert "solver sparsegpt" in err and "--executor ray" in err
+    assert "fc1: rows 16/16, ETA 0 s" in err
+
+
+class _Block(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.up, self.gate, self.down = nn.Linear(d, 2 * d), nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.gate(x)) * self.up(x))
+
+
+class _Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(5, 8)
+        self.blocks = nn.ModuleList(_Block() for _ in range(3))
+
+    def forward(self, x):
+        x = self.stem(x)
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+@pytest.mark.parametrize("engine", ["native", "torch"])
+def test_block_sequential_losses_are_measured_on_the_inputs_of_the_blocks_compressed_before(engine, monkeypatch):
+    """Each layer's reported loss is its loss under the H of the model whose earlier blocks are
+    compressed and whose own block is dense (computed here by hooks on such a model), on the CPU
+    asked for explicitly, with the fused kernel and with the torch step."""
+    if engine == "torch":
+        monkeypatch.setenv("OBCOMPRESS_NATIVE", "0")
+    torch.manual_seed(0)
+    model = _Stack()
+    dense = copy.deepcopy(model)
+    data = [torch.randn(4, 6, 5) for _ in range(3)]
+    result = compress(model, {"solver": "exact", "quantization": {"num_bits": 3}, "calibration": "sequential",
+                              "device": "cpu"}, data, num_calibration_samples=12, progress=False)
+    assert result.calibration["path"] == "blocks" and result.calibration["blocks"] == 3
+    for i in range(3):
+        probe = copy.deepcopy(dense)
+        probe.stem.load_state_dict(model.stem.state_dict())
+        for b in range(i):
+            probe.blocks[b].load_state_dict(model.blocks[b].state_dict())
+        names = [f"blocks.{i}.{n}" for n in ("up", "gate", "down")]
+        _, H = _dense_hessians(probe, [(x, None) for x in data], names)
+        for n in names:
+            r = next(r for r in result.layers if r.name == n)
+            measured = _measured_loss(find_layers(dense)[n], model, n, H[n])
+            assert r.loss == pytest.approx(measured, rel=1e-4, abs=1e-9), n

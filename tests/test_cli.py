@@ -232,3 +232,15 @@ def test_compress_help_lists_the_solver_registry(capsys):
     listed = text.split("obcompress.solvers.registry):", 1)[1].split()
     for name, spec in SOLVERS.items():
         assert name in listed and spec.summary in " ".join(text.split()), name
+
+
+def test_executor_ray_without_ray_says_what_to_install(cache, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    recipe = cache / "r.yaml"
+    recipe.write_text("solver: rtn\nquantization:\n  num_bits: 4\n")
+    with pytest.raises(SystemExit) as e:
+        main(["compress", "--model", "digits-cnn", "--recipe", str(recipe), "--out", str(cache / "a"),
+              "--executor", "ray", "--no-progress"])
+    assert e.value.code == 2 and "pip install 'obcompress[ray]'" in capsys.readouterr().err

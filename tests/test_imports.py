@@ -21,8 +21,11 @@ ALLOWED = {
     "recipe": {"checks", "solvers"},
     "model": {"checks", "recipe", "solvers"},
     "formats": {"checks", "files", "geometry", "timing", "model", "recipe", "solvers"},
-    "api": {"checks", "model", "recipe", "solvers"},
-    "search": {"api", "checks", "files", "formats", "geometry", "model", "recipe", "solvers", "timing"},
+    "executor": {"solvers"},
+    "jobs": {"recipe", "solvers"},
+    "api": {"checks", "executor", "jobs", "model", "recipe", "solvers"},
+    "search": {"api", "checks", "executor", "files", "formats", "geometry", "jobs", "model", "recipe", "solvers",
+               "timing"},
     "zoo": {"checks", "files"},
     # the demo is a user of the library: the public API only (see the privacy rule), never the CLI
     "demo": {"api", "checks", "formats", "model", "recipe", "solvers", "zoo"},

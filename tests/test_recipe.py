@@ -1,4 +1,5 @@
 import copy
+import re
 
 import pytest
 import yaml
@@ -410,3 +411,21 @@ def test_recipe_is_immutable():
     d = rec.to_dict()
     d["layers"]["fc1"]["damp"] = 1
     assert rec.layers["fc1"]["damp"] == 0
+
+
+def test_scale_keys_validate_and_round_trip_only_when_set():
+    base = {"quantization": {"num_bits": 4}}
+    assert set(Recipe.from_dict(base).to_dict()) & {"sequential_targets", "layer_loss", "executor", "device"} == set()
+    rec = Recipe.from_dict(dict(base, calibration="sequential", sequential_targets="LlamaDecoderLayer",
+                                layer_loss=True, executor="ray", device="cuda"))
+    assert rec.sequential_targets == ("LlamaDecoderLayer",) and rec.layer_loss and rec.executor == "ray"
+    assert rec.device == "cuda" and Recipe.from_yaml(rec.to_yaml()) == rec
+    assert Recipe.from_dict(dict(base, device="cuda:1")).device == "cuda:1"
+    assert Recipe.from_dict(base).with_overrides(["executor=ray", "device=cpu"]).executor == "ray"
+    for bad, msg in [({"executor": "dask"}, "executor must be one of local, ray"),
+                     ({"device": "tpu"}, "device must be null, 'cpu', 'cuda' or 'cuda:N'"),
+                     ({"layer_loss": "yes"}, "layer_loss must be true or false"),
+                     ({"sequential_targets": []}, "sequential_targets is empty"),
+                     ({"executer": "ray"}, "did you mean 'executor'")]:
+        with pytest.raises(RecipeError, match=re.escape(msg)):
+            Recipe.from_dict(dict(base, **bad))

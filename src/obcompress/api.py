@@ -1,16 +1,19 @@
 """``compress(model, recipe, dataset)``: compress a trained model in place, layer by layer.
 
 Data flows one way: calibration batches -> each selected layer's Hessian H = 2XX^T/n (model.
-calibration) -> the recipe's solver on each (group of the) layer's weight (solvers) -> weights
-written back (model.layers) -> a per-layer report. ``calibration: parallel`` takes every layer's H
-from the dense model in one pass (the OBC paper's setting); ``sequential`` re-runs the calibration
-data before each layer, through the layers already compressed, so that each layer corrects the
-error of the ones before it (one forward pass per layer, still only the running Hessians in memory).
+calibration) -> the recipe's solver on each (group of the) layer's weight (solvers), one executor
+job per layer (executor: here or on Ray) -> weights written back (model.layers) by this process
+alone -> a per-layer report. ``calibration: parallel`` takes every layer's H from the dense model
+in one pass (the OBC paper's setting); ``sequential`` takes each layer's H from the inputs the
+layers already compressed give it, so that each layer corrects the error of the ones before it:
+block by block where the model is a stack of blocks (model.blocks), else layer by layer.
+magnitude and RTN need no H: it is collected for them only with ``layer_loss: true``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Union
@@ -19,13 +22,15 @@ import torch
 from torch import nn
 
 from ._progress import progress_bar
+from .executor import EtaLine, LayerJob, format_seconds, make_executor
+from .jobs import LONG_SOLVE_SECONDS, LayerSolution, estimate_seconds, exact_passes, solve_layer_groups
 from .model.activations import ActivationHooks, ActivationQuantizer, attach, calibrate_activation_quantizers
+from .model.blocks import sequential_calibration
 from .model.calibration import calibration_batches, collect_hessians, count_samples
 from .model.corrections import norm_statistics, reestimate_batchnorm, statistics_correction
 from .model.layers import LayerInfo, find_layers, set_weight_groups, weight_groups
 from .recipe import LayerScheme, Recipe
-from .solvers import QuantGrid, SolverResult, parse_mask_structure
-from .solvers.registry import get_solver
+from .solvers import QuantGrid, parse_mask_structure
 
 
 @dataclass
@@ -38,7 +43,7 @@ class LayerReport:
     method: str
     sparsity: float
     bits: Optional[int]
-    loss: float
+    loss: Optional[float]  # None: not measured (magnitude / RTN without ``layer_loss: true`` have no H)
     seconds: float
     damp: float
     engine: str = "torch"  # the solver's step engine: "native" (the fused C kernel) or "torch"
@@ -68,6 +73,15 @@ class Result:
     metrics: Optional[Dict[str, float]] = None  # the caller's evaluation, kept in the artifact's report
     # Layers left unpruned because the mask structure does not fit them (``unfit_layers: dense``).
     unfit: Dict[str, str] = field(default_factory=dict)
+    # How the Hessians were collected (sequential: blocks or layers, why, passes, seconds) and where
+    # the solves ran.
+    calibration: Dict[str, Any] = field(default_factory=dict)
+    executor: str = "local"
+
+    @property
+    def total_loss(self) -> float:
+        """The summed layer loss; NaN when some layer's loss was not measured."""
+        return sum(float("nan") if r.loss is None else r.loss for r in self.layers)
 
     @property
     def report(self) -> List[Dict[str, Any]]:
@@ -79,12 +93,23 @@ class Result:
         for r in self.layers:
             shape = "x".join(str(x) for x in (r.shape if r.shape[0] > 1 else r.shape[1:]))
             bits = "-" if r.bits is None else str(r.bits)
-            lines.append(f"{r.name:<32} {shape:>14} {r.method:>10} {r.sparsity:>8.3f} {bits:>4} {r.loss:>11.4g} "
+            loss = "-" if r.loss is None else f"{r.loss:.4g}"
+            lines.append(f"{r.name:<32} {shape:>14} {r.method:>10} {r.sparsity:>8.3f} {bits:>4} {loss:>11} "
                          f"{r.seconds:>7.2f}")
-        total = sum(r.loss for r in self.layers)
-        engines = "+".join(sorted({e for r in self.layers for e in r.engine.split("+")}))
-        lines.append(f"{len(self.layers)} layers, total loss {total:.4g}, {self.seconds:.1f} s, "
-                     f"{self.calibration_samples} calibration samples, solver engine {engines}")
+        measured = [r.loss for r in self.layers if r.loss is not None]
+        total = f"total loss {sum(measured):.4g}" if measured else "no layer loss measured"
+        if measured and len(measured) < len(self.layers):
+            total += f" over the {len(measured)} layers with a Hessian"
+        engines = "+".join(sorted({e for r in self.layers for e in r.engine.split("+") if e}))
+        lines.append(f"{len(self.layers)} layers, {total}, {self.seconds:.1f} s, "
+                     f"{self.calibration_samples} calibration samples, solver engine {engines or '-'}")
+        if len(measured) < len(self.layers):
+            lines.append("loss '-': magnitude / RTN without a Hessian (set layer_loss: true to measure it)")
+        cal = self.calibration
+        if cal.get("path") == "blocks":
+            lines.append(f"sequential calibration block by block: {cal['blocks']} blocks ({cal['found_by']})")
+        elif cal.get("path") == "layers":
+            lines.append(f"sequential calibration layer by layer: {cal.get('reason')}")
         for name, why in self.unfit.items():
             lines.append(f"not pruned (unfit_layers: dense): {name}: {why}")
         return "\n".join(lines)
@@ -100,25 +125,6 @@ def _as_recipe(recipe: Union[Recipe, dict, str]) -> Recipe:
     raise ValueError(f"recipe must be a Recipe, a dict or YAML (text or path), got {type(recipe).__name__}")
 
 
-def _grid(W: torch.Tensor, scheme: LayerScheme) -> Optional[QuantGrid]:
-    q = scheme.quantization
-    return None if q is None else QuantGrid.fit(W, **q.grid_kwargs())
-
-
-def solve_layer(W: torch.Tensor, H: torch.Tensor, scheme: LayerScheme, columns_last: Optional[int]) -> SolverResult:
-    """Compress one (group of a) layer's weight as ``scheme`` says, with the registered solver it
-    names (solvers.registry); the result's loss is measured.
-
-    The grid is always fitted on the dense weight: a least-squares re-fit on a sparse support
-    stretches a row's range, and a grid fitted on the stretched row is coarser.
-    """
-    q, sp = scheme.quantization, scheme.sparsity
-    return get_solver(scheme.solver).solve(
-        W, H, grid=_grid(W, scheme), mask_structure=None if sp is None else sp.mask_structure,
-        sparsity=None if sp is None else sp.sparsity, columns_last=columns_last, damp=scheme.damp,
-        act_order=q is not None and q.act_order)
-
-
 def compress(
     model: nn.Module,
     recipe: Union[Recipe, dict, str],
@@ -127,11 +133,16 @@ def compress(
     num_calibration_samples: int = 256,
     transform_fn: Optional[Callable] = None,
     progress: bool = True,
+    executor: Any = None,
+    ray_address: Optional[str] = None,
+    device: Optional[str] = None,
 ) -> Result:
     """Compress ``model`` in place as ``recipe`` says, from calibration ``dataset``; returns the report.
 
     ``dataset``: any iterable or DataLoader of batches (a tensor, an (x, y) pair, or a dict of model
     keyword arguments); ``transform_fn(batch)`` maps a batch to the model's input instead.
+    ``executor`` ("local", "ray" or an ``obcompress.executor.Executor``), ``ray_address`` and
+    ``device`` override the recipe's ``executor`` and ``device``.
     Errors name the layer: ``ValueError("layer <name>: ...")``.
     """
     t0 = time.perf_counter()
@@ -163,6 +174,8 @@ def compress(
     if not schemes:
         raise ValueError("the recipe selects no layer of this model")
     layers = {name: found[name] for name in schemes}
+    run_on = _solver_device(device if device is not None else recipe.device, model)
+    pool = make_executor(executor if executor is not None else recipe.executor, ray_address)
     batches = calibration_batches(dataset, num_calibration_samples, transform_fn)
     n_samples = sum(count_samples(b) for b in batches)
     corr = recipe.corrections
@@ -175,28 +188,85 @@ def compress(
     norms = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
     norm_state = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in model.named_modules()
                   if isinstance(m, norms)}
+    # magnitude and RTN choose their weights without H: it only feeds their reported loss.
+    needs_h = {n for n, sc in schemes.items() if recipe.layer_loss or sc.solver not in ("magnitude", "rtn")}
 
     was_training = model.training
     model.eval()
-    result = Result(recipe=recipe, calibration_samples=n_samples, unfit=unfit)
+    result = Result(recipe=recipe, calibration_samples=n_samples, unfit=unfit, executor=pool.kind)
     # A failure half-way leaves the model as it was, not half compressed.
     originals = {name: info.module.weight.detach().clone() for name, info in layers.items()}
-    try:
-        hessians = collect_hessians(model, layers, batches) if recipe.calibration == "parallel" else {}
-        bar = progress_bar(list(layers.items()), desc="compress", unit="layer", progress=progress)
-        for name, info in bar:
-            t_layer = time.perf_counter()
-            if recipe.calibration == "sequential":
-                # Only the layers up to this one need to run on each batch.
-                H = collect_hessians(model, {name: info}, batches, stop_early=True)[name]
-            else:
-                H = hessians.pop(name)
-            report, state = _compress_layer(name, info, H, schemes[name])
-            report.seconds = time.perf_counter() - t_layer
+    home = _single_device(model) if run_on is not None and recipe.calibration == "parallel" else None
+    bar = progress_bar(total=len(layers), desc="compress", unit="layer", progress=progress)
+
+    def say(msg: str) -> None:
+        if progress:
+            from tqdm.auto import tqdm
+
+            tqdm.write(msg, file=sys.stderr)
+
+    def compress_group(names: List[str], hessians: Dict[str, torch.Tensor]) -> None:
+        """Solve ``names`` through the executor and write each result into the model as it arrives."""
+        jobs = []
+        for name in names:
+            info = layers[name]
+            H = hessians.get(name)
+            Hg = None if H is None else (H if H.dim() == 3 else H.unsqueeze(0))
+            Wg = weight_groups(info)
+            if pool.kind != "local":
+                Wg, Hg = Wg.cpu(), None if Hg is None else Hg.cpu()
+            shape = tuple(Wg.shape)
+            est = estimate_seconds(exact_passes(schemes[name]), shape) if _wide(shape) else 0.0
+            job = LayerJob(name, solve_layer_groups,
+                           (name, Wg, Hg, schemes[name], info.taps if info.taps > 1 else None,
+                            None if run_on is None else str(run_on)),
+                           gpus=1.0 if run_on is not None and run_on.type == "cuda" and pool.kind != "local" else 0.0,
+                           estimate=est)
+            if est > LONG_SOLVE_SECONDS:
+                say(f"layer {name}: exact {'+'.join(_exact_kinds(schemes[name]))} on "
+                    f"{'x'.join(str(x) for x in (shape if shape[0] > 1 else shape[1:]))} takes about {format_seconds(est)} here (rows x cols^3 "
+                    f"at this machine's measured rate); faster: solver sparsegpt / gptq for it "
+                    f"(layers: {{{name}: {{solver: sparsegpt}}}}), or --executor ray to solve layers side by side")
+                job.progress = EtaLine(lambda text, n=name: bar.set_postfix_str(f"{n}: {text}", refresh=True))
+            jobs.append(job)
+        hessians.clear()
+        for i, sol in pool.run(jobs):
+            name = names[i]
+            report, state = _apply_solution(name, layers[name], schemes[name], sol)
             result.layers.append(report)
             result.states[name] = state
-            bar.set_postfix_str(f"{name}: loss {report.loss:.3g}, {report.seconds:.1f} s")
+            bar.update(1)
+            loss = "-" if report.loss is None else f"{report.loss:.3g}"
+            bar.set_postfix_str(f"{name}: loss {loss}, {report.seconds:.1f} s")
+
+    if pool.kind != "local":
+        say(f"per-layer solves on {pool.describe()}")
+    try:
+        free = [n for n in layers if n not in needs_h]
+        if recipe.calibration == "sequential":
+            # Layers that need no H first: every later layer then calibrates on their output.
+            if free:
+                compress_group(free, {})
+            if needs_h:
+                result.calibration = sequential_calibration(
+                    model, {n: layers[n] for n in needs_h}, batches, compress_group,
+                    sequential_targets=recipe.sequential_targets, device=run_on, progress=progress, log=say)
+        else:
+            if home is not None:
+                model.to(run_on)
+            hessians = {}
+            if needs_h:
+                hessians = collect_hessians(model, {n: layers[n] for n in layers if n in needs_h}, batches,
+                                            progress=progress)
+            result.calibration = {"path": "parallel", "model_passes": 1 if needs_h else 0}
+            compress_group(list(layers), hessians)
+            del hessians
+            if home is not None:
+                model.to(home)
         bar.close()
+        order = {n: i for i, n in enumerate(layers)}
+        result.layers.sort(key=lambda r: order[r.name])
+        result.states = {n: result.states[n] for n in layers}
         if corr.bn_reestimation:
             result.corrections["bn_reestimation"] = reestimate_batchnorm(model, batches)
         if act_schemes:
@@ -207,6 +277,9 @@ def compress(
             # With the input quantizers attached, this also corrects the mean shift of activation rounding.
             result.corrections["statistics_correction"] = statistics_correction(model, dense_stats, batches)
     except BaseException:
+        bar.close()
+        if home is not None:
+            model.to(home)
         if result.activation_hooks is not None:
             result.activation_hooks.remove()
         modules = dict(model.named_modules())
@@ -222,6 +295,58 @@ def compress(
     return result
 
 
+def _wide(shape) -> bool:
+    """Worth timing an estimate for: about a second or more of exact solving on a laptop core."""
+    groups, rows, cols = shape
+    return groups * rows * float(cols) ** 3 > 1e10
+
+
+def _exact_kinds(scheme: LayerScheme) -> List[str]:
+    return (["ExactOBS"] if scheme.sparsity is not None else []) + (["OBQ"] if scheme.quantization is not None else [])
+
+
+def _solver_device(device: Optional[str], model: nn.Module) -> Optional[torch.device]:
+    """The device the recipe or caller asks for (None: each layer's own), checked to exist here."""
+    if device is None:
+        return None
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device}: no CUDA device is available here (leave device unset, or cpu)")
+    return dev
+
+
+def _single_device(model: nn.Module) -> torch.device:
+    devices = {p.device for p in model.parameters()} | {b.device for b in model.buffers()}
+    if len(devices) != 1:
+        raise ValueError(f"device: the model's tensors are on several devices ({sorted(map(str, devices))}); "
+                         "leave device unset to calibrate each layer where it is")
+    return devices.pop()
+
+
+def _apply_solution(name: str, info: LayerInfo, scheme: LayerScheme, sol: LayerSolution):
+    """Write a layer's solution into the model; its report line and artifact state."""
+    out = sol.weight
+    set_weight_groups(info, out)
+    masks = sol.masks
+    mask = None if all(m is None for m in masks) else torch.stack(
+        [m if m is not None else torch.ones_like(out[0], dtype=torch.bool) for m in masks])
+    state = LayerState(info=info, scheme=scheme, grids=list(sol.grids), mask=mask)
+    q = scheme.quantization
+    report = LayerReport(
+        name=name,
+        kind=info.kind,
+        shape=list(out.shape),
+        method=sol.method,
+        sparsity=1.0 - sol.kept / out.numel(),
+        bits=None if q is None else q.num_bits,
+        loss=sol.loss,
+        seconds=sol.seconds,
+        damp=sol.damp,
+        engine=sol.info.get("engine", ""),
+    )
+    return report, state
+
+
 def _unfit_reason(info: LayerInfo, scheme: LayerScheme) -> Optional[str]:
     """Why the scheme's mask structure cannot prune this layer (None when it can): found before
     any calibration or solving is spent."""
@@ -233,44 +358,3 @@ def _unfit_reason(info: LayerInfo, scheme: LayerScheme) -> Optional[str]:
     except ValueError as e:
         return str(e)
     return None
-
-
-def _compress_layer(name: str, info: LayerInfo, H: torch.Tensor, scheme: LayerScheme):
-    Wg = weight_groups(info)
-    Hg = H if H.dim() == 3 else H.unsqueeze(0)
-    columns_last = info.taps if info.taps > 1 else None
-    out = torch.empty_like(Wg)
-    loss, kept, damp, method, engines = 0.0, 0, 0.0, scheme.solver, set()
-    grids, masks = [], []
-    for g in range(Wg.shape[0]):
-        try:
-            res = solve_layer(Wg[g], Hg[g], scheme, columns_last)
-        except ValueError as e:
-            where = f"layer {name}" + (f" (group {g})" if Wg.shape[0] > 1 else "")
-            raise ValueError(f"{where}: {e}") from None
-        out[g] = res.weight
-        grids.append(res.grid if scheme.quantization is not None else None)
-        masks.append(res.mask)
-        loss += res.loss
-        kept += int(res.mask.sum()) if res.mask is not None else Wg[g].numel()
-        damp = max(damp, res.damp)
-        method = res.method or method
-        engines.add(res.info["engine"])
-    set_weight_groups(info, out)
-    mask = None if all(m is None for m in masks) else torch.stack(
-        [m if m is not None else torch.ones_like(out[0], dtype=torch.bool) for m in masks])
-    state = LayerState(info=info, scheme=scheme, grids=grids, mask=mask)
-    q = scheme.quantization
-    report = LayerReport(
-        name=name,
-        kind=info.kind,
-        shape=list(Wg.shape),
-        method=method,
-        sparsity=1.0 - kept / Wg.numel(),
-        bits=None if q is None else q.num_bits,
-        loss=loss,
-        seconds=0.0,
-        damp=damp,
-        engine="+".join(sorted(engines)),
-    )
-    return report, state

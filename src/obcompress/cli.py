@@ -37,6 +37,15 @@ _CALIBRATION_HELP = "calibration samples to use (default %(default)s); data beyo
 SWEEP_METHODS = ("uniform", "dp", "spdy")
 
 
+def _executor_args(p, what: str) -> None:
+    p.add_argument("--executor", choices=("local", "ray"), default=None,
+                   help=f"where {what} run: local (this process, default) or ray (one Ray task per layer; "
+                        "pip install 'obcompress[ray]')")
+    p.add_argument("--ray-address", default=None, metavar="HEAD:6379",
+                   help="join this Ray cluster (started with `ray start --head`); default: a local Ray on this "
+                        "machine's cores")
+
+
 def _methods(text: str) -> list:
     out = _csv(text)
     bad = [m for m in out if m not in SWEEP_METHODS]
@@ -77,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--out", required=True, metavar="DIR", help="artifact directory to write")
     comp.add_argument("--calibration-samples", type=int, default=256, metavar="N", help=_CALIBRATION_HELP)
     comp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _executor_args(comp, "the per-layer solves")
+    comp.add_argument("--device", default=None, metavar="D",
+                      help="where Hessians and solvers run: cpu, cuda, cuda:1 (default: the recipe's, else each "
+                           "layer's own device)")
     ev = sub.add_parser("eval", help="evaluate a model, dense or from an artifact",
                         description="Evaluate MODEL with its own evaluation (accuracy, perplexity, ...): the dense "
                                     "model, or with --artifact the compressed one loaded into it.")
@@ -180,7 +193,8 @@ def _compress(args) -> int:
     entry = _resolve(args.model, args.calibration_samples)
     fp32 = fp32_size(entry.model)
     result = compress(entry.model, recipe, entry.calibration, num_calibration_samples=args.calibration_samples,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, executor=args.executor, ray_address=args.ray_address,
+                      device=args.device)
     print(result.table())
     result.metrics = entry.evaluate(entry.model)
     _print_metrics("compressed", result.metrics)
@@ -229,7 +243,8 @@ def _report(args) -> int:
     for r in report.get("layers", []):
         b = sizes.get(r["name"], {})
         bits = "-" if r.get("bits") is None else str(r["bits"])
-        print(f"{r['name']:<32} {r['method']:>12} {r['sparsity']:>8.3f} {bits:>4} {r['loss']:>11.4g} "
+        loss = "-" if r.get("loss") is None else f"{r['loss']:.4g}"  # not measured: magnitude / RTN without H
+        print(f"{r['name']:<32} {r['method']:>12} {r['sparsity']:>8.3f} {bits:>4} {loss:>11} "
               f"{b.get('stored', 0):>10,d} {b.get('fp32', 0):>10,d}")
     print(f"artifact {report['artifact_bytes']:,d} bytes on disk, fp32 {report['fp32_bytes']:,d} bytes "
           f"({report['compression_ratio']}x smaller); format version {config['format_version']}")
@@ -277,6 +292,7 @@ def _search_parser(sub) -> None:
         p.add_argument("--db", required=db_required, metavar="DIR", help="database directory")
         p.add_argument("--calibration-samples", type=int, default=256, metavar="N", help=_CALIBRATION_HELP)
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        _executor_args(p, "the per-layer records (build) or the re-fits of stitched variants")
 
     b = ss.add_parser("build", help="build or resume a model's database",
                       description="Compress every selected layer in every variant of the space (the OBC paper's "
@@ -399,7 +415,7 @@ def _search(args, parser) -> int:
         db = build_database(entry.model, entry.calibration, args.db, space,
                             num_calibration_samples=args.calibration_samples, targets=args.targets,
                             ignore=args.ignore, overwrite=args.overwrite, progress=progress,
-                            stop_after=args.stop_after)
+                            stop_after=args.stop_after, executor=args.executor, ray_address=args.ray_address)
         total = len(db.manifest["model"])
         print(f"database {args.db}: {len(db.layers)} of {total} layers, "
               f"{sum(len(e.variants) for e in db.layers.values())} variants, {db.nbytes / 2**20:.1f} MiB on disk, "
@@ -407,7 +423,7 @@ def _search(args, parser) -> int:
         if len(db.layers) < total:
             print("incomplete: run the same command again to resume")
         return 0
-    db = load_database(args.db, entry.model)
+    db = load_database(args.db, entry.model, executor=args.executor, ray_address=args.ray_address)
     if args.search_command == "scores":
         from obcompress.search.nonuniform import layer_loss_scores
 

@@ -23,6 +23,10 @@ A recipe is a YAML document or a dict::
       mask_structure: unstructured   # unstructured | "N:M" | "block:c"
     damp: auto                       # "auto" or a number >= 0
     calibration: parallel            # parallel | sequential
+    sequential_targets: null         # sequential: the blocks (names, class names, "re:"); default: found
+    layer_loss: false                # magnitude / rtn: also collect H to report their layer loss
+    executor: local                  # local | ray: where the per-layer solves run
+    device: null                     # where Hessians and solvers run (cpu, cuda, cuda:1); null: the layer's
     corrections: {bn_reestimation: false, statistics_correction: false}
     layers:                          # per-layer overrides (module names or "re:" patterns)
       features.3.conv: {quantization: {num_bits: 8}, sparsity: {sparsity: 0.3}}
@@ -75,9 +79,11 @@ __all__ = [
 SOLVERS = tuple(SOLVER_REGISTRY)
 STRATEGIES = ("tensor", "channel", "group")
 CALIBRATION_MODES = ("parallel", "sequential")
+EXECUTORS = ("local", "ray")
+DEVICE_TYPES = ("cpu", "cuda")
 
 _TOP_KEYS = ("targets", "ignore", "solver", "quantization", "sparsity", "damp", "calibration",
-             "corrections", "layers")
+             "corrections", "layers", "sequential_targets", "layer_loss", "executor", "device")
 _OVERRIDE_KEYS = ("solver", "damp", "quantization", "sparsity")
 _QUANT_KEYS = ("num_bits", "symmetric", "strategy", "group_size", "mse", "act_order", "activations")
 _ACT_KEYS = ("num_bits", "symmetric", "mse")
@@ -192,6 +198,20 @@ def _check_mask_structure(v: Any, path: str) -> MaskStructure:
         return parse_mask_structure(v)
     except ValueError as e:
         raise _fail(f"{path}: {e}") from None
+
+
+def _check_device(v: Any, path: str) -> Optional[str]:
+    if v is None:
+        return None
+    import torch
+
+    try:
+        dev = torch.device(v) if isinstance(v, str) else None
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in DEVICE_TYPES:
+        raise _fail(f"{path} must be null, 'cpu', 'cuda' or 'cuda:N', got {v!r}")
+    return str(dev)
 
 
 def _name(v: Any, path: str) -> str:
@@ -524,11 +544,24 @@ class Recipe:
     calibration: str = "parallel"
     corrections: Corrections = field(default_factory=Corrections)
     layers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # Sequential calibration's blocks (None: found in the model, see model.blocks).
+    sequential_targets: Optional[Tuple[str, ...]] = None
+    # magnitude / rtn need no Hessian: collect it anyway to report their layer loss.
+    layer_loss: bool = False
+    executor: str = "local"  # where the per-layer solves run: local | ray
+    device: Optional[str] = None  # where Hessians and solvers run; None: where each layer is
 
     def __post_init__(self):
         _check_choice(self.solver, SOLVERS, "solver")
         object.__setattr__(self, "damp", _check_damp(self.damp, "damp"))
         _check_choice(self.calibration, CALIBRATION_MODES, "calibration")
+        if self.sequential_targets is not None:
+            object.__setattr__(self, "sequential_targets", _name_list(self.sequential_targets, "sequential_targets"))
+            if not self.sequential_targets:
+                raise _fail("sequential_targets is empty (omit it to find the blocks in the model)")
+        _check_bool(self.layer_loss, "layer_loss")
+        _check_choice(self.executor, EXECUTORS, "executor")
+        object.__setattr__(self, "device", _check_device(self.device, "device"))
         if self.targets is not None:
             object.__setattr__(self, "targets", _name_list(self.targets, "targets"))
             if not self.targets:
@@ -583,6 +616,14 @@ class Recipe:
             kw["corrections"] = Corrections(**_corrections_values(d["corrections"], "corrections"))
         if d.get("layers") is not None:
             kw["layers"] = _layers_values(d["layers"], "layers")
+        if d.get("sequential_targets") is not None:
+            kw["sequential_targets"] = _name_list(d["sequential_targets"], "sequential_targets")
+        if "layer_loss" in d:
+            kw["layer_loss"] = _check_bool(d["layer_loss"], "layer_loss")
+        if d.get("executor") is not None:
+            kw["executor"] = _check_choice(d["executor"], EXECUTORS, "executor")
+        if d.get("device") is not None:
+            kw["device"] = _check_device(d["device"], "device")
         return cls(**kw)
 
     @classmethod
@@ -619,6 +660,15 @@ class Recipe:
         out["corrections"] = self.corrections.to_dict()
         if self.layers:
             out["layers"] = copy.deepcopy({k: dict(v) for k, v in self.layers.items()})
+        # The scale settings only where they are not the defaults.
+        if self.sequential_targets is not None:
+            out["sequential_targets"] = list(self.sequential_targets)
+        if self.layer_loss:
+            out["layer_loss"] = True
+        if self.executor != "local":
+            out["executor"] = self.executor
+        if self.device is not None:
+            out["device"] = self.device
         return out
 
     def to_yaml(self) -> str:

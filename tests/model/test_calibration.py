@@ -372,3 +372,64 @@ def test_data_left_unused_is_announced():
         warnings.simplefilter("error")
         assert len(calibration_batches(batches, 128)) == 4  # all of it: nothing to say
         calibration_batches(iter(batches), 128)
+
+
+# ---------------------------------------------------------------- one Hessian per distinct input
+
+
+class SharedInputs(nn.Module):
+    """q/k/v on one tensor; two 3x3 convs on one tensor (one more with another kernel); a layer fed
+    a tensor that was modified in place after another layer read it."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(4, 3), nn.Linear(4, 2), nn.Linear(4, 2)
+        self.a, self.b = nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1)
+        self.c = nn.Conv2d(2, 2, 1)
+        self.before, self.after = nn.Linear(4, 2), nn.Linear(4, 2)
+
+    def forward(self, x, img, split=False):
+        out = self.q(x).sum() + self.k(x.clone() if split else x).sum() + self.v(x).sum()
+        out = out + self.a(img).sum() + self.b(img).sum() + self.c(img).sum()
+        y = x + 1
+        out = out + self.before(y).sum()
+        y.mul_(2)
+        return out + self.after(y).sum()
+
+
+def test_layers_fed_one_tensor_share_one_accumulator():
+    m = SharedInputs()
+    layers = find_layers(m)
+    batches = [{"x": torch.randn(3, 5, 4, generator=_gen(i)), "img": torch.randn(2, 2, 5, 5, generator=_gen(9 + i))}
+               for i in range(3)]
+    rec = Recorder({n: layers[n].module for n in layers})
+    with torch.no_grad():
+        for b in batches:
+            m(**b)
+    rec.close()
+    with HessianHooks(layers) as hooks, torch.no_grad():
+        for b in batches:
+            hooks.begin_batch()
+            m(**b)
+    H = hooks.hessians()
+    assert hooks.shared == {"k": "q", "v": "q", "b": "a"}
+    assert H["k"] is H["q"] and H["v"] is H["q"] and H["b"] is H["a"] and H["c"] is not H["a"]
+    assert len({id(a) for a in hooks._accumulators.values()}) == len(layers) - 3
+    # Every layer's H is still its own inputs' Hessian, the in-place modified one included.
+    for name in ("q", "k", "v", "before", "after"):
+        X = torch.cat([x.reshape(-1, 4) for x in rec.inputs[name]])
+        torch.testing.assert_close(H[name][0], _hand_hessian(X), msg=name)
+    for name in ("a", "b"):
+        ref = _hand_conv_hessians(torch.cat(rec.inputs[name]), layers[name].module)
+        torch.testing.assert_close(H[name], ref, msg=name)
+    assert not torch.allclose(H["before"], H["after"])
+
+
+def test_an_input_shared_on_the_first_batch_but_not_later_is_an_error():
+    m = SharedInputs()
+    x, img = torch.randn(2, 4, generator=_gen(1)), torch.randn(1, 2, 4, 4, generator=_gen(2))
+    with pytest.raises(ValueError, match="layer k: on the first calibration batch it was fed the same tensor as layer q"):
+        collect_hessians(m, find_layers(m), [{"x": x, "img": img}, {"x": x, "img": img, "split": True}])
+    # Not shared on the first batch: nothing to break later.
+    H = collect_hessians(m, find_layers(m), [{"x": x, "img": img, "split": True}, {"x": x, "img": img}])
+    assert H["k"] is not H["q"]

@@ -85,7 +85,7 @@ def run_model_demo(
             size = artifact_size(target)
             if last and keep_dir is not None:
                 last_artifact = target
-            rows.append(RecipeRow(name, acc, size, seconds, sum(r.loss for r in result.layers)))
+            rows.append(RecipeRow(name, acc, size, seconds, result.total_loss))
     report = ModelDemoReport(dense_accuracy=dense_acc, fp32_bytes=fp32, rows=rows, artifact=last_artifact)
     print(format_model_table(report), file=out)
     return report

@@ -1,15 +1,19 @@
 """Calibration data -> model inputs, and forward hooks that turn each layer's inputs into its Hessian.
 
 Memory: ``calibration_batches`` keeps the model inputs of the calibration samples (that is the
-calibration set itself). ``HessianHooks`` keeps only one running float64 Hessian per layer,
-``groups x cols x cols``; activations are folded into it as they pass and never stored (a conv
-input is unfolded in bounded chunks by the accumulator).
+calibration set itself). ``HessianHooks`` keeps only one running float64 Hessian per distinct layer
+input, ``groups x cols x cols``: layers fed by the very same tensor with the same geometry (q/k/v
+projections, gate/up, a conv's branches of one kernel) share one accumulator, which is also one
+GEMM per sample instead of one per layer. Activations are folded into it as they pass and never
+stored (a conv input is unfolded in bounded chunks by the accumulator).
 """
 
 from __future__ import annotations
 
+import sys
 import warnings
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
+import weakref
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -198,6 +202,16 @@ def run_model(model: nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
+def _input_geometry(info: LayerInfo, module: nn.Module) -> Tuple:
+    """What, besides the input tensor itself, decides a layer's Hessian: two layers with equal
+    geometry fed by the same tensor have the same H."""
+    if info.kind in ("linear", "conv1d_hf"):
+        return ("linear", info.cols)
+    m = module
+    return (info.kind, info.cols, info.groups, tuple(m.kernel_size), tuple(m.stride),
+            m.padding if isinstance(m.padding, str) else tuple(m.padding), tuple(m.dilation), m.padding_mode)
+
+
 class HessianHooks:
     """Context manager: forward pre-hooks that accumulate each layer's Hessian from its inputs.
 
@@ -205,9 +219,16 @@ class HessianHooks:
     layer adds its input: rows of a linear input (any leading dimensions), every output position of
     a conv input, unfolded with the layer's own kernel, stride, padding, dilation, groups and
     padding mode. The hooks are removed on exit, also when the forward pass raised.
+
+    Shared inputs: on the first batch every layer accumulates its own H and records, call by call,
+    whether its input is the very tensor (same object, same geometry) that another layer added
+    earlier in the same pass. A layer whose every call repeats one other layer's input (q/k/v after
+    q, up after gate) then drops its accumulator and uses that layer's (``shared``: name -> owner),
+    and on later batches adds nothing. The caller marks batches with ``begin_batch()``; a later
+    batch on which such a layer is fed anything else is an error (its H would be wrong).
     """
 
-    def __init__(self, layers: Dict[str, LayerInfo]):
+    def __init__(self, layers: Dict[str, LayerInfo], *, share_inputs: bool = True):
         if not isinstance(layers, Mapping) or not layers:
             raise ValueError("HessianHooks needs a non-empty dict of name -> LayerInfo (see find_layers)")
         for name, info in layers.items():
@@ -220,6 +241,13 @@ class HessianHooks:
         # (``StopForward``) once every layer has had that many calls: the rest of the model is not needed.
         self.calls: Dict[str, int] = {name: 0 for name in self.layers}
         self.stop_at: Optional[Dict[str, int]] = None
+        self.share_inputs = share_inputs
+        self.shared: Dict[str, str] = {}  # layer -> the layer whose accumulator it uses
+        self._batches = 0
+        # Inputs added in the current batch: (id, geometry) -> (weak reference, layer that added it).
+        self._added: Dict[Tuple, Tuple[Any, str]] = {}
+        # First batch: per layer and call, the layer that had already added that same input (or None).
+        self._sources: Dict[str, List[Optional[str]]] = {name: [] for name in self.layers}
 
     def __enter__(self) -> "HessianHooks":
         try:
@@ -238,52 +266,102 @@ class HessianHooks:
             handle.remove()
         self._handles = []
 
+    def begin_batch(self) -> None:
+        """Mark the start of a batch (one forward pass); after the first, shared inputs are settled."""
+        if self._batches == 1 and self.share_inputs:
+            self._settle_shared()
+        self._batches += 1
+        self._added = {}
+        self.calls = dict.fromkeys(self.calls, 0)
+
+    def _settle_shared(self) -> None:
+        calls = {n: len(src) for n, src in self._sources.items()}
+        for name, src in self._sources.items():
+            owners = set(src)
+            if len(owners) != 1 or None in owners:
+                continue
+            owner = owners.pop()
+            # The owner must have added exactly these inputs and no others.
+            if calls[owner] != calls[name] or self._sources[owner].count(None) != calls[owner]:
+                continue
+            self._accumulators[name] = self._accumulators[owner]
+            self.shared[name] = owner
+        self._sources = {}
+
     def _make_hook(self, name: str, info: LayerInfo):
-        acc = self._accumulators[name]
+        geometry = _input_geometry(info, info.module)
 
         def hook(module, args, kwargs):
             x = args[0] if args else kwargs.get("input")
             if not isinstance(x, torch.Tensor):
                 raise ValueError(f"layer {name}: its input is not a tensor ({type(x).__name__})")
-            if x.is_floating_point() and not all_finite(x):
-                bad = int((~torch.isfinite(x)).sum())
-                raise ValueError(
-                    f"layer {name}: non-finite activations ({bad} NaN/inf values in its input); "
-                    "the calibration data or an earlier layer overflowed"
-                )
-            try:
-                if info.kind in ("linear", "conv1d_hf"):
-                    if x.dim() == 0 or x.shape[-1] != info.cols:
-                        raise ValueError(f"expected {info.cols} input features in the last dimension")
-                    acc.add(x.reshape(-1, info.cols))
-                else:
-                    m = module
-                    if x.dim() == (2 if info.kind == "conv1d" else 3):  # unbatched input
-                        x = x.unsqueeze(0)
-                    acc.add_conv_input(x, m.kernel_size, m.stride, m.padding, m.dilation, m.groups, m.padding_mode)
-            except (ValueError, RuntimeError) as exc:
-                raise ValueError(f"layer {name}: cannot accumulate its input of shape {tuple(x.shape)}: {exc}") from None
-            self.calls[name] += 1
-            if self.stop_at is not None and all(self.calls[n] >= k for n, k in self.stop_at.items()):
-                raise StopForward
+            # The version counter tells an input modified in place since it was added.
+            key = (id(x), x._version, geometry)
+            seen = self._added.get(key)
+            same = seen if seen is not None and seen[0]() is x else None
+            owner = self.shared.get(name)
+            if owner is not None:
+                if same is None or same[1] != owner:
+                    raise ValueError(
+                        f"layer {name}: on the first calibration batch it was fed the same tensor as layer {owner} "
+                        f"and shares its Hessian, but on batch {self._batches - 1} it was fed another: the model's "
+                        "data flow depends on the data; calibrate with HessianHooks(..., share_inputs=False)")
+                self._count(name)
+                return None
+            if self._batches <= 1 and self.share_inputs:
+                self._sources[name].append(same[1] if same is not None else None)
+            if same is None:
+                self._added[key] = (weakref.ref(x), name)
+            self._add(name, info, module, x)
+            self._count(name)
             return None
 
         return hook
+
+    def _add(self, name: str, info: LayerInfo, module: nn.Module, x: torch.Tensor) -> None:
+        acc = self._accumulators[name]
+        if x.is_floating_point() and not all_finite(x):
+            bad = int((~torch.isfinite(x)).sum())
+            raise ValueError(
+                f"layer {name}: non-finite activations ({bad} NaN/inf values in its input); "
+                "the calibration data or an earlier layer overflowed"
+            )
+        try:
+            if info.kind in ("linear", "conv1d_hf"):
+                if x.dim() == 0 or x.shape[-1] != info.cols:
+                    raise ValueError(f"expected {info.cols} input features in the last dimension")
+                acc.add(x.reshape(-1, info.cols))
+            else:
+                m = module
+                if x.dim() == (2 if info.kind == "conv1d" else 3):  # unbatched input
+                    x = x.unsqueeze(0)
+                acc.add_conv_input(x, m.kernel_size, m.stride, m.padding, m.dilation, m.groups, m.padding_mode)
+        except (ValueError, RuntimeError) as exc:
+            raise ValueError(f"layer {name}: cannot accumulate its input of shape {tuple(x.shape)}: {exc}") from None
+
+    def _count(self, name: str) -> None:
+        self.calls[name] += 1
+        if self.stop_at is not None and all(self.calls[n] >= k for n, k in self.stop_at.items()):
+            raise StopForward
 
     def nsamples(self) -> Dict[str, int]:
         """Samples (rows, or conv output positions) each layer's Hessian has seen so far."""
         return {name: acc.nsamples for name, acc in self._accumulators.items()}
 
     def hessians(self) -> Dict[str, torch.Tensor]:
-        """name -> float64 H of shape (groups, cols, cols), groups == 1 included."""
-        out = {}
+        """name -> float64 H of shape (groups, cols, cols), groups == 1 included. Layers that share
+        an input get the same tensor object (read it, do not modify it in place)."""
+        out: Dict[str, torch.Tensor] = {}
+        made: Dict[int, torch.Tensor] = {}
         for name, acc in self._accumulators.items():
             if acc.nsamples == 0:
                 raise ValueError(
                     f"layer {name}: received no inputs during calibration (its forward was never called by the model)"
                 )
-            H = acc.hessian()
-            out[name] = H.unsqueeze(0) if acc.groups == 1 else H
+            if id(acc) not in made:
+                H = acc.hessian()
+                made[id(acc)] = H.unsqueeze(0) if acc.groups == 1 else H
+            out[name] = made[id(acc)]
         return out
 
 
@@ -293,7 +371,7 @@ class StopForward(BaseException):
 
 
 def collect_hessians(model: nn.Module, layers: Dict[str, LayerInfo], batches: Iterable[Any], *,
-                     stop_early: bool = False) -> Dict[str, torch.Tensor]:
+                     stop_early: bool = False, progress: bool = False, desc: str = "calibrate") -> Dict[str, torch.Tensor]:
     """One no-grad pass of the model in eval mode over ``batches``; name -> H (groups, cols, cols).
 
     Every layer sees the inputs the model as it is now gives it (the dense model: the 'parallel'
@@ -303,16 +381,20 @@ def collect_hessians(model: nn.Module, layers: Dict[str, LayerInfo], batches: It
     calls of a layer per batch does not depend on the data (true of feed-forward CNNs and
     transformers): a batch that ends with fewer calls is an error; one that would call a layer more
     often than the first batch cannot be told apart, so leave ``stop_early`` off for models with
-    data-dependent control flow. The train/eval flag of every submodule is restored.
+    data-dependent control flow. The train/eval flag of every submodule is restored. ``progress``:
+    a bar over the batches. Layers fed by the same tensor share one H (see ``HessianHooks``).
     """
+    from tqdm.auto import tqdm
+
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with HessianHooks(layers) as hooks, torch.no_grad():
             count = 0
             first_calls: Dict[str, int] = {}
-            for batch in batches:
-                hooks.calls = dict.fromkeys(hooks.calls, 0)
+            items = batches if not progress else tqdm(batches, desc=desc, unit="batch", leave=False, file=sys.stderr)
+            for batch in items:
+                hooks.begin_batch()
                 if stop_early and count > 0:
                     hooks.stop_at = first_calls
                     try:

@@ -34,12 +34,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -146,14 +147,14 @@ def _order_dtype(cols: int) -> torch.dtype:
     return torch.int16 if cols < 2**15 else torch.int32
 
 
-def _build_layer(name: str, info: LayerInfo, H: torch.Tensor, space: SearchSpace, positions: float,
-                 whash: str, key: str) -> tuple:
-    """Compute every variant of one layer: (tensors to store, metadata)."""
+def _build_layer(name: str, Wg: torch.Tensor, H: torch.Tensor, kind: str, taps: int, has_bias: bool,
+                 space: SearchSpace, positions: float, whash: str, key: str) -> tuple:
+    """Compute every variant of one layer from its weight groups (groups, rows, cols) and H:
+    (tensors to store, metadata). Pure tensors in and out: an executor job (it writes nothing)."""
     t_start = time.perf_counter()
-    Wg = weight_groups(info)
     Hg = H if H.dim() == 3 else H.unsqueeze(0)
     G, R, C = Wg.shape
-    columns_last = info.taps if info.taps > 1 else None
+    columns_last = taps if taps > 1 else None
     options = space.for_layer(C)
     # H is symmetric: its upper triangle (float64, the re-fit's precision) is half the bytes.
     iu = torch.triu_indices(C, C)
@@ -245,8 +246,8 @@ def _build_layer(name: str, info: LayerInfo, H: torch.Tensor, space: SearchSpace
         tensors[f"zero.{tag}"] = torch.stack(zeros).to(torch.float32).contiguous()
         record(v, loss, time.perf_counter() - t0, "obq" if not v.pruned else "obs+obq", damp_used)
 
-    geometry = LayerGeometry(name=name, kind=info.kind, groups=G, rows=R, cols=C, taps=info.taps,
-                             positions=float(positions), has_bias=getattr(info.module, "bias", None) is not None)
+    geometry = LayerGeometry(name=name, kind=kind, groups=G, rows=R, cols=C, taps=taps,
+                             positions=float(positions), has_bias=has_bias)
     meta = {
         "format": DATABASE_FORMAT, "version": DATABASE_VERSION, "name": name, "key": key, "weight_hash": whash,
         "geometry": geometry.to_dict(), "variants": variants, "dense_energy": energy, "damp": damp,
@@ -332,8 +333,18 @@ class Database:
         self.layers = layers
         self.space = SearchSpace.from_dict(manifest["space"])
         self._tensor_cache: Dict[str, Dict[str, torch.Tensor]] = {}
-        self._obs_cache: Dict[tuple, List[ObsDatabase]] = {}
+        self._obs_cache: Dict[str, Dict[str, List[ObsDatabase]]] = {}
+        # Where ``weights_many`` rebuilds variants (None: here); see ``use_executor``.
+        self.executor = None
         self._load_scores()
+
+    def use_executor(self, executor: Any = None, ray_address: Optional[str] = None) -> "Database":
+        """Rebuild variants in ``weights_many`` (stitching a configuration, SPDY, sweeps) as executor
+        jobs, one per layer: "local", "ray" or an ``Executor`` (see ``obcompress.executor``)."""
+        from ..executor import make_executor
+
+        self.executor = make_executor(executor, ray_address)
+        return self
 
     # ---- extra per-variant scores (e.g. the calibration-loss increase of a single-layer swap) ----
 
@@ -422,35 +433,10 @@ class Database:
 
     def hessian(self, name: str) -> torch.Tensor:
         """The layer's H per group, (groups, cols, cols) float64, as the build used it."""
-        t = self._tensors(name)
-        C = self._layer(name).geometry.cols
-        iu = torch.triu_indices(C, C)
-        up = t["H_upper"]
-        H = torch.zeros(up.shape[0], C, C, dtype=torch.float64)
-        H[:, iu[0], iu[1]] = up
-        H[:, iu[1], iu[0]] = up
-        return H
+        return _full_hessian(self._tensors(name)["H_upper"], self._layer(name).geometry.cols)
 
-    def _obs(self, name: str, structure: str, Wg: torch.Tensor) -> List[ObsDatabase]:
-        ck = (name, structure)
-        if ck not in self._obs_cache:
-            e = self._layer(name)
-            t = self._tensors(name)
-            tag = _tag(structure)
-            if f"order.{tag}" not in t:
-                raise ValueError(f"layer {name}: the database has no {structure} pruning record")
-            H = self.hessian(name)
-            cl = e.geometry.taps if e.geometry.taps > 1 else None
-            self._obs_cache[ck] = [
-                ObsDatabase.restore(Wg[g], H[g], structure, t[f"order.{tag}"][g].to(torch.int32),
-                                    t[f"losses.{tag}"][g], e.damp[structure][g], columns_last=cl)
-                for g in range(Wg.shape[0])
-            ]
-        return self._obs_cache[ck]
-
-    def weights(self, name: str, variant: Union[Variant, str], dense_weight: torch.Tensor) -> torch.Tensor:
-        """The layer's weights in ``variant``, (groups, rows, cols) float32. ``dense_weight``: the
-        layer's original ``weight_groups`` (the database keeps no copy of the weights)."""
+    def _variant(self, name: str, variant: Union[Variant, str], dense_weight: torch.Tensor) -> Variant:
+        """The variant, checked to be in the layer's database and to fit ``dense_weight``."""
         e = self._layer(name)
         v = variant if isinstance(variant, Variant) else Variant.from_key(variant)
         if v.key not in e.variants:
@@ -460,25 +446,41 @@ class Database:
         if tuple(dense_weight.shape) != (g.groups, g.rows, g.cols):
             raise ValueError(f"layer {name}: weight of shape {tuple(dense_weight.shape)}, the database has "
                              f"{(g.groups, g.rows, g.cols)}")
-        if v == Variant():
-            return dense_weight.clone()
-        if v.bits is None:
-            dbs = self._obs(name, v.structure, dense_weight)
-            s = None if v.kind == "nm" else v.sparsity
-            return torch.stack([d.at(s).weight for d in dbs]).to(torch.float32)
-        t = self._tensors(name)
-        tag = _tag(v.key)
-        n = g.groups * g.rows * g.cols
-        scale, zero = t[f"scale.{tag}"], t[f"zero.{tag}"]  # (groups, rows, 1): per-channel grids
-        if v.pruned:
-            keep = unpack_mask(t[f"mask.{tag}"], (g.groups, g.rows, g.cols))
-            # A pruned weight's code is the grid's zero point: it decodes to exactly 0.
-            codes = zero.round().to(torch.uint8).expand(g.groups, g.rows, g.cols).clone()
-            codes[keep] = unpack_bits(t[f"codes.{tag}"], v.bits, int(keep.sum()))
-        else:
-            codes = unpack_bits(t[f"codes.{tag}"], v.bits, n).reshape(g.groups, g.rows, g.cols)
-        # Per-row grids of every group at once: QuantGrid.decode's formula, broadcast over groups.
-        return scale * (codes.to(torch.float32) - zero)
+        return v
+
+    def weights(self, name: str, variant: Union[Variant, str], dense_weight: torch.Tensor) -> torch.Tensor:
+        """The layer's weights in ``variant``, (groups, rows, cols) float32. ``dense_weight``: the
+        layer's original ``weight_groups`` (the database keeps no copy of the weights)."""
+        v = self._variant(name, variant, dense_weight)
+        e = self._layer(name)
+        return _rebuild(name, e.geometry, e.damp, self._tensors(name), v, dense_weight,
+                        self._obs_cache.setdefault(name, {}))
+
+    def weights_many(self, requests: Mapping[str, Sequence[Union[Variant, str]]],
+                     dense: Mapping[str, torch.Tensor]) -> Dict[Tuple[str, str], torch.Tensor]:
+        """``{(layer, variant key): weights}`` for every variant in ``requests`` (layer -> variants),
+        ``dense`` giving each layer's dense weight groups. With an executor other than local (see
+        ``use_executor``), one job per layer rebuilds its variants (its records and dense weight
+        travel to the worker; nothing is written); else as ``weights`` one by one."""
+        checked = {n: [self._variant(n, v, dense[n]) for v in vs] for n, vs in requests.items() if vs}
+        if self.executor is None or self.executor.kind == "local" or len(checked) < 2:
+            return {(n, v.key): self.weights(n, v, dense[n]) for n, vs in checked.items() for v in vs}
+        from ..executor import LayerJob
+
+        jobs = []
+        for name, vs in checked.items():
+            e = self._layer(name)
+            t = self._tensors(name)
+            need = {"H_upper"} if any(v.bits is None and v.pruned for v in vs) else set()
+            for v in vs:
+                tag = _tag(v.structure if v.bits is None else v.key)
+                need |= {k for k in t if k.endswith("." + tag)}
+            jobs.append(LayerJob(name, _rebuild_job, (name, e.geometry, e.damp, {k: t[k] for k in need},
+                                                      [v.key for v in vs], dense[name].cpu())))
+        out: Dict[Tuple[str, str], torch.Tensor] = {}
+        for i, rebuilt in self.executor.run(jobs):
+            out.update({(jobs[i].name, k): w for k, w in rebuilt.items()})
+        return out
 
     def apply(self, model: nn.Module, choice: Mapping[str, Union[Variant, str]],
               originals: Optional[Mapping[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
@@ -487,11 +489,13 @@ class Database:
         search can stitch many configurations into one model without keeping a dense copy)."""
         found = find_layers(model, list(choice), ())
         originals = dict(originals or {})
-        for name, v in choice.items():
-            info = found[name]
+        for name in choice:
             if name not in originals:
-                originals[name] = weight_groups(info)
-            set_weight_groups(info, self.weights(name, v, originals[name]))
+                originals[name] = weight_groups(found[name])
+        keys = {n: (v if isinstance(v, Variant) else Variant.from_key(v)).key for n, v in choice.items()}
+        rebuilt = self.weights_many({n: [k] for n, k in keys.items()}, originals)
+        for name, key in keys.items():
+            set_weight_groups(found[name], rebuilt[(name, key)])
         return originals
 
     def recipe(self, choice: Mapping[str, Union[Variant, str]], *, activation_bits: Optional[int] = None,
@@ -504,6 +508,58 @@ class Database:
         out.update(configuration_recipe(choice, activation_bits=activation_bits, damp=self.space.damp,
                                         symmetric=self.space.symmetric))
         return out
+
+
+# --------------------------------------------------------------------------------------------
+# rebuilding a variant from a layer's records (pure: also an executor job)
+
+
+def _full_hessian(upper: torch.Tensor, cols: int) -> torch.Tensor:
+    iu = torch.triu_indices(cols, cols)
+    H = torch.zeros(upper.shape[0], cols, cols, dtype=torch.float64)
+    H[:, iu[0], iu[1]] = upper
+    H[:, iu[1], iu[0]] = upper
+    return H
+
+
+def _rebuild(name: str, g: LayerGeometry, damp: Mapping[str, List[float]], t: Mapping[str, torch.Tensor],
+             v: Variant, dense_weight: torch.Tensor, obs: Dict[str, List[ObsDatabase]]) -> torch.Tensor:
+    """A variant's weights (groups, rows, cols) float32 from the layer's stored tensors ``t``;
+    ``obs`` caches the restored pruning records per structure (their re-fits share a factorization)."""
+    if v == Variant():
+        return dense_weight.clone()
+    if v.bits is None:
+        if v.structure not in obs:
+            tag = _tag(v.structure)
+            if f"order.{tag}" not in t:
+                raise ValueError(f"layer {name}: the database has no {v.structure} pruning record")
+            H = _full_hessian(t["H_upper"], g.cols)
+            cl = g.taps if g.taps > 1 else None
+            obs[v.structure] = [
+                ObsDatabase.restore(dense_weight[k], H[k], v.structure, t[f"order.{tag}"][k].to(torch.int32),
+                                    t[f"losses.{tag}"][k], damp[v.structure][k], columns_last=cl)
+                for k in range(dense_weight.shape[0])
+            ]
+        s = None if v.kind == "nm" else v.sparsity
+        return torch.stack([d.at(s).weight for d in obs[v.structure]]).to(torch.float32)
+    tag = _tag(v.key)
+    n = g.groups * g.rows * g.cols
+    scale, zero = t[f"scale.{tag}"], t[f"zero.{tag}"]  # (groups, rows, 1): per-channel grids
+    if v.pruned:
+        keep = unpack_mask(t[f"mask.{tag}"], (g.groups, g.rows, g.cols))
+        # A pruned weight's code is the grid's zero point: it decodes to exactly 0.
+        codes = zero.round().to(torch.uint8).expand(g.groups, g.rows, g.cols).clone()
+        codes[keep] = unpack_bits(t[f"codes.{tag}"], v.bits, int(keep.sum()))
+    else:
+        codes = unpack_bits(t[f"codes.{tag}"], v.bits, n).reshape(g.groups, g.rows, g.cols)
+    # Per-row grids of every group at once: QuantGrid.decode's formula, broadcast over groups.
+    return scale * (codes.to(torch.float32) - zero)
+
+
+def _rebuild_job(name: str, g: LayerGeometry, damp: Mapping[str, List[float]], t: Mapping[str, torch.Tensor],
+                 keys: Sequence[str], dense_weight: torch.Tensor) -> Dict[str, torch.Tensor]:
+    obs: Dict[str, List[ObsDatabase]] = {}
+    return {k: _rebuild(name, g, damp, t, Variant.from_key(k), dense_weight, obs) for k in keys}
 
 
 # --------------------------------------------------------------------------------------------
@@ -545,12 +601,17 @@ def build_database(
     overwrite: bool = False,
     progress: bool = True,
     stop_after: Optional[int] = None,
+    executor: Any = None,
+    ray_address: Optional[str] = None,
 ) -> Database:
     """Build (or resume) the database of ``model``'s layers under ``directory``.
 
     ``stop_after``: finish at most this many layers in this call (for time-sliced builds: call
     again to go on). The model is not modified. A second build on the same directory while one
-    runs is refused with a ``ValueError``.
+    runs is refused with a ``ValueError``. ``executor``: "local" (default) or "ray" (each layer's
+    records a Ray task; ``ray_address`` joins a cluster) or an ``Executor``; either way this
+    process alone writes the layer files, each atomically as its records arrive, so an interrupted
+    build resumes with the layers not yet written, and the workers need no access to ``directory``.
     """
     space = space or default_space()
     directory = Path(directory)
@@ -572,12 +633,16 @@ def build_database(
     # replace files under the first). It is refused at once, not queued behind a long build.
     with directory_lock(directory, wait=False, what=f"the database at {directory} (another `search build`?)"):
         return _build_locked(model, directory, manifest, found, hashes, batches, n_samples, space, overwrite,
-                             progress, stop_after)
+                             progress, stop_after, executor, ray_address)
 
 
 def _build_locked(model, directory, manifest, found, hashes, batches, n_samples, space, overwrite, progress,
-                  stop_after) -> "Database":
+                  stop_after, executor, ray_address) -> "Database":
+    from ..executor import LayerJob, format_seconds, make_executor
+    from ..jobs import estimate_seconds
+
     _check_dir_for(directory, manifest, overwrite)
+    pool = make_executor(executor, ray_address)
     (directory / LAYER_DIR).mkdir(exist_ok=True)
 
     def layer_key(name: str) -> str:
@@ -613,6 +678,7 @@ def _build_locked(model, directory, manifest, found, hashes, batches, n_samples,
         try:
             with HessianHooks(layers) as hooks, torch.no_grad():
                 for batch in batches:
+                    hooks.begin_batch()  # layers fed one tensor then share one accumulator
                     run_model(model, batch)
             hessians = hooks.hessians()
             counts = hooks.nsamples()
@@ -621,18 +687,41 @@ def _build_locked(model, directory, manifest, found, hashes, batches, n_samples,
                 m.training = training
         manifest["hessian_seconds"] += time.perf_counter() - t0
         write_json(directory / MANIFEST, manifest, indent=1, sort_keys=True)
-        bar = progress_bar(todo, desc="database", unit="layer", progress=progress)
-        for name in bar:
+        jobs = []
+        for name in todo:
             info = found[name]
             if counts[name] == 0:
                 raise ValueError(f"layer {name}: the model never called it on the calibration data")
-            H = hessians.pop(name)
-            tensors, meta = _build_layer(name, info, H, space, counts[name] / n_samples, hashes[name], layer_key(name))
+            Wg = weight_groups(info)
+            passes = sum(1 for st in space.structures if _admits(st, info.cols)) + sum(
+                1 for v in space.for_layer(info.cols) if v.bits is not None)
+            jobs.append(LayerJob(name, _build_layer, (
+                name, Wg.cpu(), hessians.pop(name).cpu(), info.kind, info.taps,
+                getattr(info.module, "bias", None) is not None, space, counts[name] / n_samples, hashes[name],
+                layer_key(name)), estimate=estimate_seconds(passes, tuple(Wg.shape))))
+        del hessians
+        total = sum(j.estimate for j in jobs)
+        if progress and total > 60:
+            print(f"database: {len(jobs)} layers, about {format_seconds(total)} of exact solves at this "
+                  f"machine's measured rate; executor {pool.describe()}", file=sys.stderr)
+        bar = progress_bar(total=len(jobs), desc="database", unit="layer", progress=progress)
+        # This process is the one writer: each layer file as its records arrive, atomically.
+        for i, (tensors, meta) in pool.run(jobs):
+            name = jobs[i].name
             _write_layer(paths[name], tensors, meta)
             done[name] = meta
+            bar.update(1)
             bar.set_postfix_str(f"{name}: {len(meta['variants'])} variants, {meta['seconds']:.1f} s")
         bar.close()
     return _assemble(directory, manifest, found, done, paths)
+
+
+def _admits(structure: str, cols: int) -> bool:
+    try:
+        parse_mask_structure(structure, cols)
+    except ValueError:
+        return False
+    return True
 
 
 def _assemble(directory, manifest, found_names, done, paths) -> Database:
@@ -641,11 +730,12 @@ def _assemble(directory, manifest, found_names, done, paths) -> Database:
 
 
 def load_database(directory: Union[str, os.PathLike], model: Optional[nn.Module] = None,
-                  *, complete: bool = True) -> Database:
+                  *, complete: bool = True, executor: Any = None, ray_address: Optional[str] = None) -> Database:
     """Open a database. With ``model``, refuse it unless it was built from these very weights
     (names, shapes and weight hashes of its layers). ``complete``: refuse a database whose build
     has not finished every layer. Every layer file's SHA-256 is checked (one read of the files):
-    a corrupted one raises a ``ValueError`` that names it and says to rebuild that layer."""
+    a corrupted one raises a ``ValueError`` that names it and says to rebuild that layer.
+    ``executor`` / ``ray_address``: where stitching rebuilds variants (``Database.use_executor``)."""
     directory = Path(directory)
     path = directory / MANIFEST
     if not path.exists():
@@ -686,4 +776,4 @@ def load_database(directory: Union[str, os.PathLike], model: Optional[nn.Module]
     if missing and complete:
         raise ValueError(f"the database at {directory} is incomplete: {len(missing)} of {len(names)} layers missing "
                          f"(first: {missing[0]}); run the build again to resume it")
-    return _assemble(directory, manifest, names, done, paths)
+    return _assemble(directory, manifest, names, done, paths).use_executor(executor, ray_address)

@@ -272,12 +272,20 @@ class _Stitcher:
         self.cache: Dict[Tuple[str, str], torch.Tensor] = {}
         self.cache_bytes = cache_bytes
         self.used = 0
+        self.preloaded: Dict[Tuple[str, str], torch.Tensor] = {}  # outside the cache's budget, until cleared
+
+    def preload(self, requests: Mapping[str, Sequence[str]]) -> None:
+        """Rebuild these (layer -> variant keys) together now (side by side on a Ray executor) and
+        keep them until the next ``preload``."""
+        self.preloaded = {}
+        todo = {n: [k for k in ks if k != "dense" and (n, k) not in self.cache] for n, ks in requests.items()}
+        self.preloaded = self.db.weights_many({n: ks for n, ks in todo.items() if ks}, self.dense)
 
     def weights(self, name: str, key: str) -> torch.Tensor:
         if key == "dense":
             return self.dense[name]
         ck = (name, key)
-        W = self.cache.get(ck)
+        W = self.cache.get(ck, self.preloaded.get(ck))
         if W is None:
             W = self.db.weights(name, key, self.dense[name])
             nb = W.numel() * W.element_size()
@@ -287,17 +295,27 @@ class _Stitcher:
         return W
 
     def set(self, choice: Mapping[str, Variant]) -> None:
-        for name, v in choice.items():
-            key = v.key
-            if self.current[name] != key:
-                set_weight_groups(self.found[name], self.weights(name, key))
-                self.current[name] = key
+        changed = {n: v.key for n, v in choice.items() if self.current[n] != v.key}
+        # The variants not at hand are rebuilt together: on a Ray executor, side by side.
+        missing = {n: [k] for n, k in changed.items() if k != "dense" and (n, k) not in self.cache}
+        fresh = self.db.weights_many(missing, self.dense) if len(missing) > 1 else {}
+        for (name, key), W in fresh.items():
+            nb = W.numel() * W.element_size()
+            if self.used + nb <= self.cache_bytes:
+                self.cache[(name, key)] = W
+                self.used += nb
+        for name, key in changed.items():
+            W = fresh.get((name, key))
+            set_weight_groups(self.found[name], W if W is not None else self.weights(name, key))
+            self.current[name] = key
 
     def restore(self) -> None:
         self.set({n: Variant() for n in self.db.names})
 
 
 SCORE_CALIBRATION = "calibration_loss"
+# Layers whose variants a remote executor rebuilds at once for the single-layer swaps.
+PRELOAD_LAYERS = 8
 
 
 def layer_loss_scores(db: Database, model: nn.Module, data: Iterable, *, num_samples: int = 64,
@@ -322,9 +340,18 @@ def layer_loss_scores(db: Database, model: nn.Module, data: Iterable, *, num_sam
             out[n] = have
         else:
             todo += [(n, Variant.from_key(k)) for k in keys if k != "dense"]
+    remote = db.executor is not None and db.executor.kind != "local"
+    layer_keys: Dict[str, List[str]] = {}
+    for name, v in todo:
+        layer_keys.setdefault(name, []).append(v.key)
+    order = list(layer_keys)
     try:
         bar = progress_bar(todo, desc="loss scores", unit="variant", progress=progress)
         for i, (name, v) in enumerate(bar):
+            if remote and (i == 0 or todo[i - 1][0] != name) and (name, v.key) not in st.preloaded:
+                # The next few layers' variants rebuilt side by side while this process measures.
+                at = order.index(name)
+                st.preload({n: layer_keys[n] for n in order[at:at + PRELOAD_LAYERS]})
             st.set({name: v})
             # A divergence from the dense outputs is >= 0; rounding can leave a tiny negative.
             out.setdefault(name, {"dense": 0.0})[v.key] = max(0.0, loss())

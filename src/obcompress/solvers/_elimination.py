@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _native
+from . import progress as _progress
 from ._common import MaskStructure
 
 # Pending vectors per flush: large enough for the rank-B update to run at GEMM speed, small
@@ -38,14 +39,24 @@ FLUSH_EVERY = 32
 CHUNK_BYTES_NATIVE = 16 * 2**20
 CHUNK_BYTES_TORCH = 256 * 2**20
 CHUNK_ELEMS_TORCH = 128 * 1024  # weights (rows x cols) per torch chunk: its per-step vectors stay cached
+# On a GPU a step costs ~40 kernel launches whatever the chunk: chunks as large as memory allows,
+# up to this many bytes of stored inverse Hessians (the chunk holds two such buffers).
+CHUNK_BYTES_CUDA_MAX = 16 * 2**30
 # Compact (drop eliminated coordinates) once the live ones are at most this fraction: a compaction
 # is one pass over the stored matrices, a flush over dead coordinates wastes GEMM work.
 COMPACT_BELOW = 0.85
 
 
-def _rows_per_chunk(m: int, itemsize: int, rows: int, native: bool) -> int:
+def _chunk_bytes_cuda(device: torch.device) -> int:
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(min(CHUNK_BYTES_CUDA_MAX, free // 6))
+
+
+def _rows_per_chunk(m: int, itemsize: int, rows: int, native: bool, device: Optional[torch.device] = None) -> int:
     if native:
         per = CHUNK_BYTES_NATIVE // max(1, m * m * itemsize)
+    elif device is not None and device.type == "cuda":
+        per = _chunk_bytes_cuda(device) // max(1, m * m * itemsize)
     else:
         per = min(CHUNK_ELEMS_TORCH // max(1, m), CHUNK_BYTES_TORCH // max(1, m * m * itemsize))
     per = max(1, min(rows, per))
@@ -339,6 +350,13 @@ def _for_chunks(chunks, run, buffer_elems, dtype, device, parallel):
     as torch would use, each with its own buffers.
     """
     workers = min(torch.get_num_threads(), len(chunks)) if parallel else 1
+    tick = _progress.rows_reporter(sum(len(rows) for rows in chunks))
+    if tick is not None:
+        inner = run
+
+        def run(rows, buffers):
+            inner(rows, buffers)
+            tick(len(rows))
 
     def make_buffers():
         return (torch.empty(buffer_elems, dtype=dtype, device=device),
@@ -390,7 +408,7 @@ def greedy_single(W64, H64, Hinv64, policy, *, keep=None, dtype=torch.float32, e
     else:
         row_order = torch.arange(R, device=W64.device)
     lib = _native.kernel() if W64.device.type == "cpu" and dtype in (torch.float32, torch.float64) else None
-    per = _rows_per_chunk(d, itemsize, R, native=lib is not None)
+    per = _rows_per_chunk(d, itemsize, R, native=lib is not None, device=W64.device)
     tiny = torch.finfo(dtype).tiny
     chunks = [row_order[start:start + per] for start in range(0, R, per)]
     if keep is not None:
@@ -592,7 +610,7 @@ def block_trajectory(W64, Hinv64, block: int, dtype=torch.float32) -> Trajectory
     itemsize = torch.tensor([], dtype=dtype).element_size()
     native_ok = W64.device.type == "cpu" and dtype in (torch.float32, torch.float64) and c <= 16
     lib = _native.kernel() if native_ok else None
-    per = _rows_per_chunk(d, itemsize, R, native=lib is not None)
+    per = _rows_per_chunk(d, itemsize, R, native=lib is not None, device=W64.device)
     chunks = [torch.arange(start, min(R, start + per), device=W64.device) for start in range(0, R, per)]
 
     def run(rows, buffers):

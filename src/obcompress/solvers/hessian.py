@@ -17,6 +17,12 @@ from ..checks import check_damp, check_int
 
 IntOrTuple = Union[int, Sequence[int]]
 
+# Above this many columns an accumulator computes only the upper triangle of each X^T X, by row
+# blocks of about this size (each block times the columns from its own on): H is symmetric, so
+# this is (nb + 1) / (2 nb) of the multiply-adds of the full product with nb blocks (75 % at 576
+# columns, 60 % at 1536), in the same float64 arithmetic.
+TRIANGLE_BLOCK = 320
+
 
 
 def all_finite(X: torch.Tensor) -> bool:
@@ -194,6 +200,7 @@ class HessianAccumulator:
         self.groups = groups
         self.device = None if device is None else torch.device(device)
         self._H: Optional[torch.Tensor] = None
+        self._upper = False  # only _H's upper triangle is maintained
         self._n = 0
 
     @property
@@ -215,7 +222,15 @@ class HessianAccumulator:
         X64 = Xg.detach().to(device=self.device, dtype=torch.float64)
         n_new = self._n + n
         self._H.mul_(self._n / n_new)
-        if samples_last:
+        nb = round(self.cols / TRIANGLE_BLOCK) if self.groups == 1 else 1
+        if nb >= 2:
+            # Upper triangle only (the lower one is filled in by ``hessian``).
+            H, X = self._H[0], X64[0] if samples_last else X64[0].t()  # X: (cols, n)
+            edges = [self.cols * i // nb for i in range(nb + 1)]
+            for a, b in zip(edges, edges[1:]):
+                H[a:b, a:].addmm_(X[a:b], X[a:].t(), alpha=2.0 / n_new)
+            self._upper = True
+        elif samples_last:
             self._H.baddbmm_(X64, X64.transpose(1, 2), alpha=2.0 / n_new)
         else:
             self._H.baddbmm_(X64.transpose(1, 2), X64, alpha=2.0 / n_new)
@@ -281,4 +296,7 @@ class HessianAccumulator:
         if self._n == 0:
             raise ValueError("no calibration samples have been added to this Hessian accumulator yet")
         H = self._H.clone()
+        if self._upper:
+            upper = torch.triu(H[0])
+            H[0] = upper + torch.triu(upper, 1).t()
         return H[0] if self.groups == 1 else H
