@@ -31,7 +31,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -48,10 +48,13 @@ __all__ = [
     "RECIPE_FILE",
     "REPORT_FILE",
     "WEIGHTS_FILE",
+    "LayerParts",
     "artifact_size",
     "fp32_size",
+    "layer_parts",
     "load",
     "read_config",
+    "read_layers",
     "save",
 ]
 
@@ -580,8 +583,36 @@ def _dtype(name, where: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def _rebuild_layer(name: str, e: Dict[str, Any], tensors) -> torch.Tensor:
-    """The layer's weight (G, R, C) in its dtype from the stored parts; ValueError if they disagree."""
+class LayerParts(NamedTuple):
+    """A compressed layer as the artifact stores it, unpacked: what an exporter to another format needs.
+
+    ``codes`` (G, R, C) uint8 are None for an unquantized layer, whose weights are ``values`` (G, R, C)
+    in ``dtype`` (pruned ones zero); a quantized layer's weight is ``scale * (codes - zero)`` with the
+    scale and zero point of each column's group ``col_groups`` (G, C), zero where ``mask`` is False.
+    ``scale`` is (G, 1 or R, groups) and ``zero`` has its shape or is one value (1, 1, 1).
+    """
+
+    dtype: torch.dtype
+    shape: Tuple[int, int, int]
+    mask: Optional[torch.Tensor]
+    values: Optional[torch.Tensor]
+    codes: Optional[torch.Tensor]
+    scale: Optional[torch.Tensor]
+    zero: Optional[torch.Tensor]
+    col_groups: Optional[torch.Tensor]
+    act_order: bool  # the column groups came from a stored g_idx (GPTQ act-order), not from the strategy
+    quantization: Optional[Dict[str, Any]]  # the entry's settings: bits, symmetric, strategy, group_size, ...
+
+    def weight(self) -> torch.Tensor:
+        """The layer's weight (G, R, C) in its dtype, as ``load`` writes it into the model."""
+        if self.codes is None:
+            return self.values
+        return _decode(self.codes, self.scale, self.zero, self.col_groups, self.mask, self.dtype)
+
+
+def layer_parts(name: str, e: Dict[str, Any], tensors) -> LayerParts:
+    """The stored parts of artifact layer ``name`` (its config entry ``e``), unpacked and checked;
+    ValueError if they disagree with each other or with the entry."""
     where = f"artifact layer {name!r}"
     try:
         G, R, C = int(e["groups"]), int(e["rows"]), int(e["cols"])
@@ -601,10 +632,11 @@ def _rebuild_layer(name: str, e: Dict[str, Any], tensors) -> torch.Tensor:
     if storage in (VALUES, MASK_VALUES):
         values = _expect(tensors, _layer_key(name, "values"), (kept,), dtype, where)
         if mask is None:
-            return values.reshape(G, R, C)
-        W = torch.zeros(G, R, C, dtype=dtype)
-        W[mask] = values
-        return W
+            W = values.reshape(G, R, C)
+        else:
+            W = torch.zeros(G, R, C, dtype=dtype)
+            W[mask] = values
+        return LayerParts(dtype, (G, R, C), mask, W, None, None, None, None, False, None)
     if not isinstance(q, dict):
         raise ValueError(f"{where}: codes stored without quantization settings")
     try:
@@ -638,7 +670,26 @@ def _rebuild_layer(name: str, e: Dict[str, Any], tensors) -> torch.Tensor:
     col = _column_groups(G, C, strategy, group_size, g_idx)
     if col.numel() and (int(col.min()) < 0 or int(col.max()) >= scale_shape[2]):
         raise ValueError(f"{where}: column groups out of range of {scale_shape[2]} scale groups")
-    return _decode(codes, scale, zero, col, mask, dtype)
+    return LayerParts(dtype, (G, R, C), mask, None, codes, scale, zero, col, g_idx is not None, dict(q))
+
+
+def _rebuild_layer(name: str, e: Dict[str, Any], tensors) -> torch.Tensor:
+    """The layer's weight (G, R, C) in its dtype from the stored parts; ValueError if they disagree."""
+    return layer_parts(name, e, tensors).weight()
+
+
+def read_layers(directory: Union[str, os.PathLike]) -> Tuple[Dict[str, Any], Dict[str, LayerParts]]:
+    """An artifact's config and every compressed layer's ``LayerParts``, checked as ``load`` checks them
+    (size, checksum, shapes); no model needed."""
+    directory = Path(directory)
+    config = read_config(directory)
+    tensors = _read_weights(directory, config)
+    parts = {}
+    for name, e in config["layers"].items():
+        if not isinstance(e, dict):
+            raise ValueError(f"artifact layer {name!r}: malformed entry")
+        parts[name] = layer_parts(name, e, tensors)
+    return config, parts
 
 
 def load(directory: Union[str, os.PathLike], model: nn.Module) -> nn.Module:

@@ -187,9 +187,15 @@ def load_spec(spec: str, **options) -> ZooEntry:
 
 
 def resolve(model: str, **options) -> ZooEntry:
-    """A zoo name (``ZOO``) or a ``file.py:factory`` spec."""
+    """A zoo name (``ZOO``), a ``file.py:factory`` spec, or ``hf:DIR`` (a local Hugging Face model
+    directory; options: data, eval_data, seq_len, num_calibration, eval_windows, hf_class, see ``hf``)."""
+    if isinstance(model, str) and model.startswith("hf:"):
+        from .hf import hf_entry
+
+        return hf_entry(model, **options)
     if model in ZOO:
         return ZOO[model](**options)
     if ":" in model:
         return load_spec(model, **options)
-    raise ValueError(f"unknown model {model!r}: expected one of {', '.join(sorted(ZOO))} or 'path/to/file.py:factory'")
+    raise ValueError(f"unknown model {model!r}: expected one of {', '.join(sorted(ZOO))}, 'path/to/file.py:factory' "
+                     "or 'hf:DIR' (a local Hugging Face model directory)")
