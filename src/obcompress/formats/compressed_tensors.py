@@ -479,11 +479,13 @@ def export_compressed_tensors(model: nn.Module, artifact_dir: Union[str, os.Path
         info = found[name]
         wkey = f"{name}.weight"
         G, R, C = parts.shape
-        kept = R * C * G if parts.mask is None else int(parts.mask.sum())
         entry = config["layers"][name]
+        # The artifact drops the mask where plain codes are smaller (a pruned weight is then its zero
+        # code), so the entry's recorded sparsity and structure say what was pruned.
+        sparsity = float(entry.get("sparsity") or 0.0)
         structure = entry.get("mask_structure") or ("unstructured" if parts.mask is not None else None)
-        if parts.mask is not None:
-            pruned[name] = (structure, G * R * C - kept, G * R * C)
+        if structure is not None and sparsity > 0:
+            pruned[name] = (structure, round(sparsity * G * R * C), G * R * C)
         q = parts.quantization
         reason = None
         if q is not None:
@@ -501,7 +503,7 @@ def export_compressed_tensors(model: nn.Module, artifact_dir: Union[str, os.Path
                           "writes them for vLLM)")
         aq = quantizers.get(name)
         rec = {"written": "dense", "bits": None, "group_size": None, "strategy": None,
-               "sparsity": 1.0 - kept / (G * R * C), "mask_structure": structure}
+               "sparsity": sparsity, "mask_structure": structure}
         if q is not None and reason is None:
             scheme, tensors = _encode(name, parts, layout, dtype, aq, widen)
             if widen and not q["symmetric"]:

@@ -34,11 +34,12 @@ __all__ = ["labelled_batches", "run_fitcompress", "path_plot"]
 
 
 def labelled_batches(model: nn.Module, data: Iterable, num_samples: int, transform_fn=None) -> List[Tuple[Any, Any]]:
-    """(x, y) batches: the data's own labels when its batches are (x, y) pairs with integer labels,
-    else the dense model's top-1 prediction for each input."""
+    """(x, y) batches: the data's own labels when its batches are (x, y) pairs with integer labels
+    (one per sample, or more, e.g. the next token of every position of a text window), else the
+    dense model's top-1 prediction for each input."""
     raw = list(data)
     if raw and isinstance(raw[0], (tuple, list)) and len(raw[0]) == 2 and isinstance(raw[0][1], torch.Tensor) \
-            and not raw[0][1].is_floating_point() and raw[0][1].dim() == 1:
+            and not raw[0][1].is_floating_point() and raw[0][1].dim() >= 1:
         out, n = [], 0
         for x, y in raw:
             out.append((x, y))

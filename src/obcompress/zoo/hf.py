@@ -245,6 +245,24 @@ class TextWindows:
         return len(self.windows())
 
 
+class NextTokenLogits(nn.Module):
+    """A causal language model as a classifier of the next token at every position: logits
+    (batch, vocabulary, positions - 1), the layout ``cross_entropy`` takes with labels (batch,
+    positions - 1). It is the loss a Fisher of the model's weights should see (FITCompress)."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids):
+        out = self.lm(input_ids=input_ids)
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+            raise ValueError("the Fisher of an hf: model needs per-token logits (a causal language model, "
+                             "--hf-class AutoModelForCausalLM)")
+        return logits[:, :-1].transpose(1, 2)
+
+
 class _NoData:
     """Stands for the calibration data of an hf: model given no --data: any use says what to pass."""
 
@@ -283,7 +301,19 @@ def hf_entry(spec: str, *, data: Optional[str] = None, eval_data: Optional[str] 
             cache.append(evaluation_windows(tokenize_file(tokenizer, eval_path), seq_len, eval_windows))
         return perplexity(m, cache[0], progress=progress)
 
-    return ZooEntry(model, calibration, evaluate)
+    def fisher_task():
+        from .registry import FisherTask
+
+        wrapper = NextTokenLogits(model)
+        data = [(w["input_ids"], w["input_ids"][:, 1:]) for w in calibration]
+        # The output embedding is left out, as in every LLM recipe: it is often tied to the input one.
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        from ..model.layers import find_layers
+
+        names = [n for n, info in find_layers(wrapper).items() if head is None or info.module is not head]
+        return FisherTask(wrapper, data, lambda w: evaluate(w.lm), names, "lm.")
+
+    return ZooEntry(model, calibration, evaluate, fisher_task)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
