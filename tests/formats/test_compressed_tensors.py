@@ -30,7 +30,7 @@ from obcompress.zoo.hf import calibration_windows, load_hf_model, tokenize_file 
 
 def _ct_installed():
     try:
-        import compressed_tensors  # noqa: F401
+        import compressed_tensors  # noqa: F401 (whether it imports is the question)
 
         return True
     except ImportError:

@@ -2,7 +2,7 @@
 
 ``export_compressed_tensors(model, artifact_dir, out_dir)`` writes a directory that
 ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)`` loads when the ``compressed-tensors``
-package is installed (vLLM and SGLang read the same layout): ``config.json`` with a
+package is installed (LLM servers such as vLLM read the same format; not tested here): ``config.json`` with a
 ``quantization_config``, ``model.safetensors``, ``generation_config.json`` and the tokenizer files of
 the source model. The written tensors follow the format's ``pack-quantized`` layout, produced here
 from the artifact's own codes (the package is not needed to write, only to load):
@@ -18,7 +18,11 @@ from the artifact's own codes (the package is not needed to write, only to load)
 
 A code is stored as its unsigned value (the format's signed value plus 2^(bits-1)), so a weight is
 ``scale * (code - zero)`` exactly as ``QuantGrid.decode`` computes it: a float32 model reloads with
-bit-identical weights. Packing: 32 codes fill ``bits`` int32 words, least significant bit first
+bit-identical weights (a bfloat16 or float16 one within a rounding of its dtype, since the reader
+keeps scales in the model's dtype). A W+A recipe's per-tensor input quantizers become static
+``input_activations``; symmetric ones quantize exactly as obcompress does, asymmetric ones may
+differ by one level where x / scale lies within a float32 rounding of a half-integer, since the
+reader adds the zero point before rounding. Packing: 32 codes fill ``bits`` int32 words, least significant bit first
 (compressed-tensors >= 0.18), or, for readers before 0.18, each word holds ``32 // bits`` codes and
 leaves its high bits zero; the two agree for 2, 4 and 8 bits. Which reader a checkpoint is written for
 is ``ct_version``: the installed compressed-tensors by default, else the newest version tested.
@@ -65,7 +69,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -73,7 +77,7 @@ from torch import nn
 
 from ..model.activations import quantizers_from_dict
 from ..model.layers import find_layers
-from .artifact import LayerParts, fp32_size, load, read_layers
+from .artifact import LayerParts, _replace_dir, fp32_size, load, read_layers
 
 __all__ = [
     "CT_TESTED_VERSIONS",
@@ -334,9 +338,9 @@ def _encode(name: str, parts: LayerParts, layout: CTLayout, dtype: torch.dtype, 
 
 def read_ct_weight(tensors: Dict[str, torch.Tensor], prefix: str, config_group: Dict[str, Any],
                    dense_packing: bool) -> torch.Tensor:
-    """A linear layer's weight (float32) from its pack-quantized tensors ``prefix + ".weight_packed"``,
-    ... under the scheme ``config_group``: the format's definition, written out independently of the
-    writer above (it is how an export is checked)."""
+    """A linear layer's weight (float32) from its pack-quantized tensors (``prefix + ".weight_packed"``
+    and the rest) under the scheme ``config_group``: the format's definition, written out apart from
+    the writer above; it is how an export is checked."""
     w = config_group["weights"]
     bits, symmetric, strategy = int(w["num_bits"]), bool(w["symmetric"]), w["strategy"]
     R, C = (int(x) for x in tensors[prefix + ".weight_shape"].tolist())
@@ -591,7 +595,7 @@ def export_compressed_tensors(model: nn.Module, artifact_dir: Union[str, os.Path
         for p in tmp.iterdir():
             os.chmod(p, 0o644)
         os.chmod(tmp, 0o755)
-        _replace(tmp, out)
+        _replace_dir(tmp, out)  # the artifact's swap: old or new export, never half of one
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -632,7 +636,12 @@ def _check_written(directory: Path, model: nn.Module, sd: Dict[str, torch.Tensor
         target = sd[f"{name}.weight"]
         if rec["written"] == "pack-quantized":
             W = read_ct_weight(written, name, scheme_of[name], layout.dense_packing).to(target.dtype)
-            if not torch.equal(W, target.detach().cpu()):
+            ref = target.detach().cpu()
+            # float32 models reload bit for bit. Lower precisions keep their scales in the model's dtype
+            # (the reader casts them to it), so a weight may move by a rounding of that dtype.
+            exact = torch.equal(W, ref) if ref.dtype == torch.float32 else torch.allclose(
+                W.float(), ref.float(), rtol=2 * torch.finfo(ref.dtype).eps, atol=0.0)
+            if not exact:
                 diff = float((W.float() - target.detach().cpu().float()).abs().max())
                 raise ValueError(f"layer {name!r}: the written compressed-tensors weight differs from the model's "
                                  f"(max abs diff {diff:.3g}); nothing was written")
@@ -655,18 +664,3 @@ def _check_written(directory: Path, model: nn.Module, sd: Dict[str, torch.Tensor
         what = [f"lacks {len(missing)} tensors of the model, e.g. {missing[:3]}"] if missing else []
         what += [f"changes {len(changed)}, e.g. {changed[:3]}"] if changed else []
         raise ValueError("the written checkpoint " + " and ".join(what) + "; nothing was written")
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.rmdir(old)
-    os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
