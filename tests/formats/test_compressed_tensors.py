@@ -117,6 +117,8 @@ RECIPES = {
               "layers": {"re:.*q_proj": {"quantization": {"num_bits": 8, "strategy": "channel"}},
                          "re:.*k_proj": {"solver": "magnitude", "sparsity": {"mask_structure": "2:4"}},
                          "re:.*v_proj": {"solver": "magnitude", "sparsity": {"sparsity": 0.5}, "quantization": None},
+                         "re:.*up_proj": {"solver": "magnitude", "sparsity": {"mask_structure": "block:4",
+                                                                              "sparsity": 0.5}},
                          "re:.*down_proj": {"quantization": {"num_bits": 3, "symmetric": False,
                                                              "group_size": 128}}}},
     "gptq_act_order": {"solver": "gptq", "ignore": ["lm_head"],
@@ -222,8 +224,9 @@ def test_mixed_precision_is_one_config_group_per_scheme(compressed, tiny_llama_d
     assert res.layers["model.layers.0.self_attn.v_proj"]["written"] == "dense"  # pruned, not quantized
     assert "model.layers.1.self_attn.o_proj" not in res.layers  # left dense by the recipe
     sp = q["sparsity_config"]
-    assert sp["format"] == "dense" and set(sp["targets"]) == both("self_attn.k_proj") | both("self_attn.v_proj")
-    assert sp["sparsity_structure"] == "unstructured"  # 2:4 and unstructured layers together
+    assert sp["format"] == "dense"
+    assert set(sp["targets"]) == both("self_attn.k_proj") | both("self_attn.v_proj") | both("mlp.up_proj")
+    assert sp["sparsity_structure"] == "unstructured"  # 2:4, block and unstructured layers together
     assert any("pruned layer(s) written densely" in n for n in notes)
 
 
