@@ -228,6 +228,7 @@ def test_mixed_precision_is_one_config_group_per_scheme(compressed, tiny_llama_d
     assert set(sp["targets"]) == both("self_attn.k_proj") | both("self_attn.v_proj") | both("mlp.up_proj")
     assert sp["sparsity_structure"] == "unstructured"  # 2:4, block and unstructured layers together
     assert any("pruned layer(s) written densely" in n for n in notes)
+    assert any("fuse into one matrix" in n and "model.layers.0.self_attn.q_proj" in n for n in notes)
 
 
 def test_act_order_needs_an_older_reader_else_dense(compressed, tiny_llama_dir):

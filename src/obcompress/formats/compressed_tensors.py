@@ -542,6 +542,10 @@ def export_compressed_tensors(model: nn.Module, artifact_dir: Union[str, os.Path
         config_groups[f"group_{i}"] = scheme.to_config(sorted(names))
         for n in names:
             layer_report[n]["group"] = f"group_{i}"
+    split = _split_fused(layer_report, [n for n, _ in model.named_modules()])
+    if split:
+        notes.append(f"layers that LLM servers fuse into one matrix have different schemes: {split[:3]}; "
+                     "transformers loads this, vLLM wants one scheme per fused q/k/v and gate/up")
     sparsity = None
     if pruned:
         structures = {st for st, _, _ in pruned.values()}
@@ -603,6 +607,25 @@ def export_compressed_tensors(model: nn.Module, artifact_dir: Union[str, os.Path
         warnings.warn(n, stacklevel=2)
     return CTExport(out, _directory_size(out), fp32_size(model), weights_bytes, layer_report, config_groups,
                     sparsity, layout.version, notes)
+
+
+# Sibling layers that vLLM and others run as one fused matrix (Llama-style names).
+_FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _split_fused(layer_report: Dict[str, Dict[str, Any]], module_names: List[str]) -> List[List[str]]:
+    """Groups of fused siblings whose written schemes differ (a layer not exported counts as dense)."""
+    present = set(module_names)
+    out = []
+    for parent in sorted({n.rsplit(".", 1)[0] for n in layer_report if "." in n}):
+        for fused in _FUSED:
+            names = [f"{parent}.{f}" for f in fused]
+            if not all(n in present for n in names):
+                continue
+            kinds = {layer_report.get(n, {}).get("group", "dense") for n in names}
+            if len(kinds) > 1:
+                out.append(names)
+    return out
 
 
 def _quiet_save(model: nn.Module, directory: Path, state: Dict[str, torch.Tensor]) -> None:
