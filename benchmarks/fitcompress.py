@@ -51,7 +51,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     sys.path.insert(0, str(Path(__file__).parent))
     from nonuniform import small_space
 
-    from obcompress._cache import cache_dir
+    from obcompress.files import cache_dir
     from obcompress.search import default_space
     from obcompress.search.database import build_database
     from obcompress.search.fit import apply_rtn_fit, empirical_fisher, finetune

@@ -90,7 +90,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from obcompress._cache import cache_dir
+    from obcompress.files import cache_dir
     from obcompress.search import default_space
     from obcompress.search.database import build_database
     from obcompress.search.nonuniform import parse_goal, select_dp

@@ -231,7 +231,8 @@ def interleaved(runs: Dict[str, Any], warmup: int, repeats: int) -> Dict[str, fl
 def run_one(model_name: str, variant: str, args, workdir: Path) -> Dict[str, Any]:
     from obcompress.api import compress
     from obcompress.formats import artifact_size, fp32_size, save
-    from obcompress.formats.onnx_export import export_dense_onnx, export_onnx, ort_optimized_ops, ort_session
+    from obcompress.formats.onnx_export import export_dense_onnx, export_onnx
+    from obcompress.formats.onnx_runtime import ort_optimized_ops, ort_session
     from obcompress.zoo.registry import ZOO
 
     t_start = time.perf_counter()
@@ -282,7 +283,7 @@ def _is_conv(model, name: str) -> bool:
 
 def time_model(model_name: str, rows: List[Dict[str, Any]], args) -> None:
     """Fill in the latency columns of one model's rows, all its variants timed in the same loop."""
-    from obcompress.formats.onnx_export import ort_session
+    from obcompress.formats.onnx_runtime import ort_session
 
     for threads in args.threads:
         sessions = {i: ort_session(r["_onnx"], threads=threads, exact=args.exact) for i, r in enumerate(rows)}

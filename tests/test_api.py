@@ -73,6 +73,9 @@ def test_reported_loss_is_the_measured_layer_loss(recipe):
             assert (W[~state.mask] == 0).all()
             assert r.sparsity == pytest.approx(1 - state.mask.float().mean().item())
     assert "total loss" in result.table()
+    # every layer says which step engine its solver ran on, and the table sums it up
+    engines = {r.engine for r in result.layers}
+    assert engines <= {"native", "torch"} and f"solver engine {'+'.join(sorted(engines))}" in result.table()
 
 
 def test_structure_of_joint_2_4_and_4_bit():
@@ -260,3 +263,10 @@ def test_unfit_layers_dense_keeps_such_layers_unpruned_and_lists_them(tmp_path):
     import json
 
     assert "conv1" in json.loads((tmp_path / "art" / "report.json").read_text())["unfit"]
+
+
+def test_progress_bars_stay_out_of_logs(capsys):
+    # stderr captured by pytest is not a terminal: a bar there would only clutter the log.
+    model, data = _setup()
+    compress(model, {"solver": "rtn", "quantization": {"num_bits": 8}}, data, progress=True)
+    assert "compress" not in capsys.readouterr().err

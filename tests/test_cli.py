@@ -83,6 +83,37 @@ def test_search_build_resume_select_sweep_report(cache, capsys):
     assert e.value.code == 2 and "cannot be reached" in capsys.readouterr().err
 
 
+def test_search_budgets_say_what_they_are_for_the_whole_model(cache, capsys):
+    import struct
+
+    space = cache / "space.yaml"
+    space.write_text("variants: [w8, w4, w2]\n")
+    db = cache / "db"
+    args = ["--model", "digits-cnn", "--db", str(db), "--calibration-samples", "128", "--no-progress"]
+    # fc1 holds 74,000 of the 94,000 weights: left out, the rest of the model stays large
+    assert main(["search", "build", *args, "--space", str(space), "--ignore", "fc1"]) == 0
+    recipe = cache / "r.yaml"
+    assert main(["search", "select", *args, "--goal", "size=1/8", "--out", str(recipe)]) == 0
+    text = capsys.readouterr().out
+    line = next(s for s in text.splitlines() if "on the whole model" in s)
+    searched, whole = (float(part.split("x ")[0].split()[-1]) for part in line.split(", ")[:2])
+    assert "on the 3 searched layers" in line and searched >= 8 and whole < 1.5
+    assert recipe.read_text().startswith(f"# dp at size=1/8: {line.split(' (')[0]}")
+    # what the artifact really weighs: fp32 size over its tensor bytes (JSON files and header aside)
+    assert main(["compress", "--model", "digits-cnn", "--recipe", str(recipe), "--out", str(cache / "art"),
+                 "--calibration-samples", "128", "--no-progress"]) == 0
+    fp32 = int(capsys.readouterr().out.split("fp32 ")[1].split(" bytes")[0].replace(",", ""))
+    blob = (cache / "art" / "model.safetensors").read_bytes()
+    tensor_bytes = len(blob) - 8 - struct.unpack("<Q", blob[:8])[0]
+    assert f"{fp32 / tensor_bytes:.2f}" == f"{whole:.2f}"
+    sweep = cache / "sweep"
+    assert main(["search", "sweep", *args, "--goals", "size=1/8", "--methods", "dp", "--out", str(sweep)]) == 0
+    assert f"reached {searched:.2f}x on the searched layers, {whole:.2f}x on the whole model" in capsys.readouterr().out
+    assert main(["report", str(sweep)]) == 0
+    row = next(s for s in capsys.readouterr().out.splitlines() if s.startswith("size 8x"))
+    assert row.split()[-2:] == [f"{searched:.2f}x", f"{whole:.2f}x"]
+
+
 def test_search_fit_writes_recipe_and_path(cache, capsys):
     out = cache / "fit"
     assert main(["search", "fit", "--model", "digits-cnn", "--goal", "size=1/10", "--out", str(out),
@@ -91,6 +122,11 @@ def test_search_fit_writes_recipe_and_path(cache, capsys):
     assert "rtn (" in text and "FIT" in text
     doc = json.loads((out / "fit_path.json").read_text())
     assert doc["reduction"] >= 10 * (1 - 1e-9) and doc["path"][0]["fit"] <= doc["path"][-1]["fit"]
+    # the goal counts the searched layers' weights; the whole model adds its biases (234 floats)
+    whole = doc["whole_model"]
+    rest = 8 * 4 * (32 + 64 + 128 + 10)
+    assert whole["whole_reduction"] == pytest.approx((rest + doc["dense_cost"]) / (rest + doc["cost"]))
+    assert f"{doc['reduction']:.2f}x on the 4 searched layers, {whole['whole_reduction']:.2f}x on the whole model" in text
     assert (out / "fit_path.png").read_bytes()[:4] == b"\x89PNG" and (out / "recipe.yaml").exists()
     with pytest.raises(SystemExit) as e:
         main(["search", "fit", "--model", "digits-cnn", "--goal", "size=1/1000", "--out", str(out), "--apply", "none",
@@ -156,3 +192,43 @@ def test_report_refuses_a_damaged_artifact(cache, capsys):
     with pytest.raises(SystemExit) as e:
         main(["report", str(out)])
     assert e.value.code == 2 and "truncated" in capsys.readouterr().err
+
+
+def test_help_imports_no_torch_and_documents_every_option():
+    import subprocess
+    import sys
+
+    code = ("import sys; from obcompress.cli import build_parser; p = build_parser(); p.format_help(); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"  # --help must not wait seconds for torch to import
+
+    from obcompress.cli import SWEEP_METHODS, build_parser
+    from obcompress.search.sweep import METHODS
+
+    assert tuple(SWEEP_METHODS) == tuple(METHODS)
+    parser = build_parser()
+    subs = {a.dest: a for a in parser._actions if a.dest == "command"}["command"].choices
+    search = {a.dest: a for a in subs["search"]._actions if a.dest == "search_command"}["search_command"].choices
+    commands = dict(subs, **{f"search {k}": v for k, v in search.items()})
+    for name, p in commands.items():
+        if name == "search":
+            continue
+        assert p.description or name.startswith("search "), f"{name}: no description"
+        for a in p._actions:
+            if a.option_strings and a.dest != "help":
+                assert a.help, f"{name} {a.option_strings[0]}: no help"
+    assert "default 256" in subs["compress"].format_help()
+    assert "uniform, dp, spdy" in search["sweep"].format_help()
+
+
+def test_compress_help_lists_the_solver_registry(capsys):
+    from obcompress.solvers.registry import SOLVERS
+
+    with pytest.raises(SystemExit) as e:
+        main(["compress", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    listed = text.split("obcompress.solvers.registry):", 1)[1].split()
+    for name, spec in SOLVERS.items():
+        assert name in listed and spec.summary in " ".join(text.split()), name

@@ -90,7 +90,7 @@ def test_cli_version_and_errors(capsys, monkeypatch, tmp_path):
 
 
 def test_model_demo_writes_an_artifact_and_a_table(tmp_path, monkeypatch):
-    from obcompress.model_demo import run_model_demo
+    from obcompress.demo import run_model_demo
 
     monkeypatch.setenv("OBCOMPRESS_CACHE", str(tmp_path / "cache"))
     out = io.StringIO()
@@ -103,3 +103,21 @@ def test_model_demo_writes_an_artifact_and_a_table(tmp_path, monkeypatch):
     assert joint.accuracy >= rep.dense_accuracy - 0.02
     assert joint.bytes_on_disk < rep.fp32_bytes / 6  # 2:4 + 4-bit really is small on disk
     assert (tmp_path / "art" / "model.safetensors").exists() and (tmp_path / "art" / "report.json").exists()
+
+
+def test_demo_reports_its_total_time_after_both_parts(capsys, monkeypatch):
+    import obcompress.demo
+
+    monkeypatch.setattr(obcompress.demo, "run_demo", lambda **kw: print("per-layer part"))
+    monkeypatch.setattr(obcompress.demo, "run_model_demo", lambda **kw: print("whole-model part"))
+    assert main(["demo", "--no-progress"]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.strip()]
+    assert lines[:2] == ["per-layer part", "whole-model part"] and lines[-1].startswith("demo finished in")
+
+
+def test_make_test_shows_skip_reasons():
+    from pathlib import Path
+
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    test_rule = makefile.split("\ntest:", 1)[1].split("\n\n", 1)[0]
+    assert "pytest" in test_rule and "-rs" in test_rule

@@ -11,7 +11,6 @@ error of the ones before it (one forward pass per layer, still only the running 
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Union
@@ -19,23 +18,14 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 import torch
 from torch import nn
 
+from ._progress import progress_bar
 from .model.activations import ActivationHooks, ActivationQuantizer, attach, calibrate_activation_quantizers
 from .model.calibration import calibration_batches, collect_hessians, count_samples
 from .model.corrections import norm_statistics, reestimate_batchnorm, statistics_correction
 from .model.layers import LayerInfo, find_layers, set_weight_groups, weight_groups
 from .recipe import LayerScheme, Recipe
-from .solvers import (
-    QuantGrid,
-    SolverResult,
-    exact_obs_prune,
-    gptq_quantize,
-    layer_loss,
-    magnitude_prune,
-    obq_quantize,
-    parse_mask_structure,
-    rtn_quantize,
-    sparsegpt_prune,
-)
+from .solvers import QuantGrid, SolverResult, parse_mask_structure
+from .solvers.registry import get_solver
 
 
 @dataclass
@@ -51,6 +41,7 @@ class LayerReport:
     loss: float
     seconds: float
     damp: float
+    engine: str = "torch"  # the solver's step engine: "native" (the fused C kernel) or "torch"
 
 
 @dataclass
@@ -91,8 +82,9 @@ class Result:
             lines.append(f"{r.name:<32} {shape:>14} {r.method:>10} {r.sparsity:>8.3f} {bits:>4} {r.loss:>11.4g} "
                          f"{r.seconds:>7.2f}")
         total = sum(r.loss for r in self.layers)
+        engines = "+".join(sorted({e for r in self.layers for e in r.engine.split("+")}))
         lines.append(f"{len(self.layers)} layers, total loss {total:.4g}, {self.seconds:.1f} s, "
-                     f"{self.calibration_samples} calibration samples")
+                     f"{self.calibration_samples} calibration samples, solver engine {engines}")
         for name, why in self.unfit.items():
             lines.append(f"not pruned (unfit_layers: dense): {name}: {why}")
         return "\n".join(lines)
@@ -114,47 +106,17 @@ def _grid(W: torch.Tensor, scheme: LayerScheme) -> Optional[QuantGrid]:
 
 
 def solve_layer(W: torch.Tensor, H: torch.Tensor, scheme: LayerScheme, columns_last: Optional[int]) -> SolverResult:
-    """Compress one (group of a) layer's weight as ``scheme`` says; the result's loss is measured.
+    """Compress one (group of a) layer's weight as ``scheme`` says, with the registered solver it
+    names (solvers.registry); the result's loss is measured.
 
     The grid is always fitted on the dense weight: a least-squares re-fit on a sparse support
     stretches a row's range, and a grid fitted on the stretched row is coarser.
     """
-    sp = scheme.sparsity
-    grid = _grid(W, scheme)
-    if scheme.solver in ("exact", "best"):
-        pruned = None
-        if sp is not None:
-            pruned = exact_obs_prune(W, H, sp.sparsity, sp.mask_structure, columns_last=columns_last,
-                                     damp=scheme.damp)
-        if grid is None:
-            return pruned
-        result = obq_quantize(W, H, grid, mask=None if pruned is None else pruned.mask, damp=scheme.damp)
-        if pruned is not None:
-            result.method = "obs+obq"  # joint OBC: the ExactOBS mask, then OBQ on the kept weights
-        elif scheme.solver == "best":
-            # Greedy OBQ is not always the lowest loss (GPTQ with act-order often is, e.g. on
-            # MiniLM's ill-conditioned layers); both are cheap to measure on the same H, keep the lower.
-            alt = gptq_quantize(W, H, grid, act_order=True, damp=0.01 if scheme.damp == "auto" else scheme.damp)
-            if alt.loss < result.loss:
-                alt.method = "gptq-act"
-                return alt
-        return result
-    # "auto" means what the fixed-order solvers' authors use: 1 % of the mean diagonal.
-    damp = 0.01 if scheme.damp == "auto" else scheme.damp
-    if scheme.solver == "gptq":
-        return gptq_quantize(W, H, grid, act_order=scheme.quantization.act_order, damp=damp)
-    if scheme.solver == "sparsegpt":
-        return sparsegpt_prune(W, H, sp.sparsity, sp.mask_structure, grid=grid, damp=damp, columns_last=columns_last)
-    if scheme.solver == "magnitude":
-        pruned = magnitude_prune(W, sp.sparsity, sp.mask_structure, H=H, columns_last=columns_last)
-        if grid is None:
-            return pruned
-        q = rtn_quantize(pruned.weight, grid, H=H)
-        return SolverResult(weight=q.weight, loss=layer_loss(W, q.weight, H), mask=pruned.mask, grid=grid,
-                            method="magnitude+rtn", seconds=pruned.seconds + q.seconds)
-    if scheme.solver == "rtn":
-        return rtn_quantize(W, grid, H=H)
-    raise ValueError(f"unknown solver {scheme.solver!r}")
+    q, sp = scheme.quantization, scheme.sparsity
+    return get_solver(scheme.solver).solve(
+        W, H, grid=_grid(W, scheme), mask_structure=None if sp is None else sp.mask_structure,
+        sparsity=None if sp is None else sp.sparsity, columns_last=columns_last, damp=scheme.damp,
+        act_order=q is not None and q.act_order)
 
 
 def compress(
@@ -172,8 +134,6 @@ def compress(
     keyword arguments); ``transform_fn(batch)`` maps a batch to the model's input instead.
     Errors name the layer: ``ValueError("layer <name>: ...")``.
     """
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
     recipe = _as_recipe(recipe)
     found = find_layers(model, recipe.targets, recipe.ignore)
@@ -223,7 +183,7 @@ def compress(
     originals = {name: info.module.weight.detach().clone() for name, info in layers.items()}
     try:
         hessians = collect_hessians(model, layers, batches) if recipe.calibration == "parallel" else {}
-        bar = tqdm(list(layers.items()), desc="compress", unit="layer", disable=not progress, file=sys.stderr)
+        bar = progress_bar(list(layers.items()), desc="compress", unit="layer", progress=progress)
         for name, info in bar:
             t_layer = time.perf_counter()
             if recipe.calibration == "sequential":
@@ -280,7 +240,7 @@ def _compress_layer(name: str, info: LayerInfo, H: torch.Tensor, scheme: LayerSc
     Hg = H if H.dim() == 3 else H.unsqueeze(0)
     columns_last = info.taps if info.taps > 1 else None
     out = torch.empty_like(Wg)
-    loss, kept, damp, method = 0.0, 0, 0.0, scheme.solver
+    loss, kept, damp, method, engines = 0.0, 0, 0.0, scheme.solver, set()
     grids, masks = [], []
     for g in range(Wg.shape[0]):
         try:
@@ -295,6 +255,7 @@ def _compress_layer(name: str, info: LayerInfo, H: torch.Tensor, scheme: LayerSc
         kept += int(res.mask.sum()) if res.mask is not None else Wg[g].numel()
         damp = max(damp, res.damp)
         method = res.method or method
+        engines.add(res.info["engine"])
     set_weight_groups(info, out)
     mask = None if all(m is None for m in masks) else torch.stack(
         [m if m is not None else torch.ones_like(out[0], dtype=torch.bool) for m in masks])
@@ -310,5 +271,6 @@ def _compress_layer(name: str, info: LayerInfo, H: torch.Tensor, scheme: LayerSc
         loss=loss,
         seconds=0.0,
         damp=damp,
+        engine="+".join(sorted(engines)),
     )
     return report, state

@@ -7,17 +7,61 @@ import sys
 from typing import Optional, Sequence
 
 from obcompress import __version__
-from obcompress.zoo._fetch import ZooUnavailable
-from obcompress.zoo.hf import add_cli_options as add_hf_options
+from obcompress.files import write_text
+
+# Nothing heavy at import time: `obcompress --help` must not wait for torch (every command imports
+# what it needs when it runs).
+
+
+class _SolversHelp(argparse.RawDescriptionHelpFormatter):
+    """compress --help: the solver registry after the options (imported only when shown: it needs
+    torch, which `obcompress --help` must not wait for)."""
+
+    def format_help(self) -> str:
+        from obcompress.solvers.registry import describe
+
+        lines = describe().splitlines()
+        self.add_text("solvers (the recipe's `solver:`; obcompress.solvers.registry):\n"
+                      + "\n".join("  " + line for line in lines))
+        return super().format_help()
 
 
 def _csv(text: str) -> list:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from obcompress.demo import METHOD_KEYS
+_MODEL_HELP = ("zoo name (digits-cnn, efficientnet-lite0, minilm), path/to/file.py:factory returning "
+               "(model, calibration data, evaluate), or hf:DIR (a local Hugging Face model directory); see "
+               "examples/ and the README")
 
+
+def add_hf_options(parser) -> None:
+    """The options of an ``hf:DIR`` model, for every command that takes ``--model``
+    (obcompress.zoo.hf reads them)."""
+    g = parser.add_argument_group("Hugging Face models (--model hf:DIR)")
+    g.add_argument("--hf-class", default=None, metavar="CLASS",
+                   help="transformers class to load DIR with (default: the AutoModelFor... its config names)")
+    g.add_argument("--data", default=None, metavar="text:FILE",
+                   help="calibration: --calibration-samples windows of --seq-len tokens spread over FILE")
+    g.add_argument("--eval-data", default=None, metavar="perplexity:FILE",
+                   help="evaluation: perplexity on consecutive non-overlapping --seq-len windows of FILE")
+    g.add_argument("--seq-len", type=int, default=None, metavar="L", help="tokens per window (default 512)")
+    g.add_argument("--eval-windows", type=int, default=None, metavar="N",
+                   help="evaluate on at most the first N windows (default: all the file holds)")
+_CALIBRATION_HELP = "calibration samples to use (default %(default)s); data beyond them is left unused, with a warning"
+# The selection methods a sweep compares (search.sweep checks the same names).
+SWEEP_METHODS = ("uniform", "dp", "spdy")
+
+
+def _methods(text: str) -> list:
+    out = _csv(text)
+    bad = [m for m in out if m not in SWEEP_METHODS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {bad}: choose from {', '.join(SWEEP_METHODS)}")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="obcompress",
         description="Post-training joint pruning and quantization with exact Optimal Brain Compression solvers.",
@@ -32,13 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--calibration-samples", type=int, default=1024, metavar="N",
                       help="calibration images from the training split (1..1297, default 1024)")
     demo.add_argument("--methods", type=_csv, default=None, metavar="K1,K2",
-                      help="subset of methods (baselines are added): " + ",".join(METHOD_KEYS))
+                      help="subset of method keys, e.g. obq4,obs24 (baselines are added; an unknown key "
+                           "lists them all)")
     demo.add_argument("--layers", type=_csv, default=None, metavar="L1,L2",
                       help="subset of layers: conv1,conv2,fc1,fc2")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     comp = sub.add_parser("compress", help="compress a model with a recipe and write an artifact",
                           description="Compress MODEL (a zoo name or path/to/file.py:factory) as RECIPE says, "
-                                      "evaluate it and write the artifact to --out.")
+                                      "evaluate it and write the artifact to --out.",
+                          formatter_class=_SolversHelp)
     comp.add_argument("--model", required=True, metavar="M", help="zoo name (digits-cnn, efficientnet-lite0, "
                       "minilm), path/to/file.py:factory returning (model, calibration data, evaluate), or hf:DIR "
                       "(a local Hugging Face model directory)")
@@ -46,11 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                       help="override a recipe key, e.g. --set quantization.num_bits=3 (repeatable)")
     comp.add_argument("--out", required=True, metavar="DIR", help="artifact directory to write")
-    comp.add_argument("--calibration-samples", type=int, default=256, metavar="N")
+    comp.add_argument("--calibration-samples", type=int, default=256, metavar="N", help=_CALIBRATION_HELP)
     comp.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_hf_options(comp)
-    ev = sub.add_parser("eval", help="evaluate a model, dense or from an artifact")
-    ev.add_argument("--model", required=True, metavar="M")
+    ev = sub.add_parser("eval", help="evaluate a model, dense or from an artifact",
+                        description="Evaluate MODEL with its own evaluation (accuracy, perplexity, ...): the dense "
+                                    "model, or with --artifact the compressed one loaded into it.")
+    ev.add_argument("--model", required=True, metavar="M", help=_MODEL_HELP)
     ev.add_argument("--artifact", metavar="DIR", help="load this artifact into the model first")
     add_hf_options(ev)
     rep = sub.add_parser("report", help="print an artifact's per-layer report and sizes, or plot a search sweep",
@@ -94,9 +142,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 2
     if args.command == "demo":
-        from obcompress.demo import run_demo
-        from obcompress.model_demo import run_model_demo
+        from obcompress.demo import run_demo, run_model_demo
 
+        import time
+
+        t0 = time.perf_counter()
         try:
             # The per-layer part first: it checks its options before any training.
             if not args.models_only:
@@ -111,6 +161,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 run_model_demo(out_dir=args.out, progress=not args.no_progress)
         except ValueError as e:
             parser.exit(2, f"obcompress demo: error: {e}\n")
+        print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s")
         return 0
     try:
         if args.command == "compress":
@@ -123,8 +174,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _search(args, parser)
         if args.command == "export":
             return _export(args)
-    except (ValueError, ZooUnavailable) as e:
+    except Exception as e:
+        from obcompress.zoo import ZooUnavailable
+
         # ZooUnavailable: an optional package or a data download is missing; its message says what to do.
+        if not isinstance(e, (ValueError, ZooUnavailable)):
+            raise
         parser.exit(2, f"obcompress {args.command}: error: {e}\n")
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it first
     return 2
@@ -193,6 +248,9 @@ def _report(args) -> int:
     from obcompress.search.sweep import SWEEP_FILE, write_sweep_plots
 
     if (directory / SWEEP_FILE).exists():
+        from obcompress.search.sweep import read_sweep, sweep_table
+
+        print(sweep_table(read_sweep(directory)))
         for p in write_sweep_plots(directory):
             print(f"wrote {p}")
         return 0
@@ -213,6 +271,9 @@ def _report(args) -> int:
               f"{b.get('stored', 0):>10,d} {b.get('fp32', 0):>10,d}")
     print(f"artifact {report['artifact_bytes']:,d} bytes on disk, fp32 {report['fp32_bytes']:,d} bytes "
           f"({report['compression_ratio']}x smaller); format version {config['format_version']}")
+    engines = sorted({e for r in report.get("layers", []) for e in str(r.get("engine", "")).split("+") if e})
+    if engines:
+        print(f"solver engine: {'+'.join(engines)}")
     for name, why in (report.get("unfit") or {}).items():
         print(f"not pruned (unfit_layers: dense): {name}: {why}")
     if report.get("metrics"):
@@ -271,9 +332,9 @@ def _search_parser(sub) -> None:
     ss = se.add_subparsers(dest="search_command", metavar="STEP")
 
     def common(p, db_required=True):
-        p.add_argument("--model", required=True, metavar="M", help="zoo name or path/to/file.py:factory")
+        p.add_argument("--model", required=True, metavar="M", help=_MODEL_HELP)
         p.add_argument("--db", required=db_required, metavar="DIR", help="database directory")
-        p.add_argument("--calibration-samples", type=int, default=256, metavar="N")
+        p.add_argument("--calibration-samples", type=int, default=256, metavar="N", help=_CALIBRATION_HELP)
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         add_hf_options(p)
 
@@ -293,15 +354,20 @@ def _search_parser(sub) -> None:
                        help="activation width the BOPs cost assumes for quantized layers, written into the recipe "
                             "(0: weights only; default 8)")
         p.add_argument("--buckets", type=int, default=10000, help="DP budget buckets (default 10000)")
-        p.add_argument("--spdy-restarts", type=int, default=16, metavar="N")
-        p.add_argument("--spdy-steps", type=int, default=100, metavar="N")
+        p.add_argument("--spdy-restarts", type=int, default=16, metavar="N",
+                       help="SPDY: random restarts of its coefficient search (default 16)")
+        p.add_argument("--spdy-steps", type=int, default=100, metavar="N",
+                       help="SPDY: local-search steps after the restarts (default 100)")
         p.add_argument("--spdy-samples", type=int, default=64, metavar="N",
                        help="calibration samples SPDY scores a candidate on (default 64)")
         p.add_argument("--correction", choices=("none", "bn", "statcorr"), default="none",
                        help="run on each candidate before scoring/evaluating it, and written into the recipe: bn "
                             "(BatchNorm re-estimation) or statcorr (statistics correction toward the dense model)")
 
-    c = ss.add_parser("select", help="choose per-layer variants for one goal and write the recipe")
+    c = ss.add_parser("select", help="choose per-layer variants for one goal and write the recipe",
+                      description="Choose one variant per layer from the database --db so that the searched "
+                                  "layers meet --goal (a fraction of their dense cost), and write the recipe "
+                                  "that `obcompress compress` applies unchanged.")
     common(c)
     c.add_argument("--goal", required=True, metavar="COST=FRACTION", help="e.g. bops=1/8, size=1/16, flops=1/4")
     c.add_argument("--method", choices=("dp", "exact", "spdy", "uniform"), default="dp",
@@ -329,15 +395,17 @@ def _search_parser(sub) -> None:
     fp.add_argument("--model", required=True, metavar="M", help="zoo name or path/to/file.py:factory")
     fp.add_argument("--goal", required=True, metavar="COST=FRACTION", help="e.g. size=1/12 or bops=1/8")
     fp.add_argument("--out", required=True, metavar="DIR", help="directory for recipe.yaml and the path report")
-    fp.add_argument("--calibration-samples", type=int, default=256, metavar="N")
+    fp.add_argument("--calibration-samples", type=int, default=256, metavar="N", help=_CALIBRATION_HELP)
     fp.add_argument("--search", choices=("beam", "astar"), default="beam",
                     help="beam (width --beam-width; 1 = the reference's greedy) or a true A* (exact for --lam 0)")
-    fp.add_argument("--beam-width", type=int, default=1, metavar="K")
+    fp.add_argument("--beam-width", type=int, default=1, metavar="K",
+                    help="nodes kept per step of the beam search (default 1: greedy)")
     fp.add_argument("--lam", type=float, default=1.0, help="weight of the distance-to-goal heuristic (default 1)")
     fp.add_argument("--apply", choices=("none", "obc", "rtn", "both"), default="obc",
                     help="evaluate the configuration: obc = the recipe through the exact solvers; rtn = the "
                          "paper's round-to-nearest with the FIT mask (+ --finetune-epochs)")
-    fp.add_argument("--finetune-epochs", type=int, default=0, metavar="E")
+    fp.add_argument("--finetune-epochs", type=int, default=0, metavar="E",
+                    help="--apply rtn: epochs of straight-through fine-tuning with frozen masks (default 0)")
     fp.add_argument("--finetune-lr", type=float, default=1e-4, metavar="LR",
                     help="Adam learning rate of the fine-tune (default 1e-4; a few epochs on calibration data "
                          "may need 1e-3 to move weights across grid points)")
@@ -346,14 +414,19 @@ def _search_parser(sub) -> None:
     fp.add_argument("--refresh-batches", type=int, default=0, metavar="N",
                     help="re-estimate the Fisher at every expanded node from N batches (the reference's "
                          "approximate mode; default 0: one Fisher for the whole path)")
-    fp.add_argument("--activation-bits", type=int, default=8, metavar="B")
+    fp.add_argument("--activation-bits", type=int, default=8, metavar="B",
+                    help="activation width the BOPs cost assumes for quantized layers (default 8)")
     fp.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_hf_options(fp)
 
-    w = ss.add_parser("sweep", help="accuracy of uniform / DP / SPDY at several goals (then `obcompress report DIR`)")
+    w = ss.add_parser("sweep", help="accuracy of uniform / DP / SPDY at several goals (then `obcompress report DIR`)",
+                      description="For every goal and method, choose a configuration from the database, stitch "
+                                  "it and evaluate it as its recipe runs; writes sweep.json and the recipes to "
+                                  "--out (`obcompress report DIR` draws the plots).")
     common(w)
     w.add_argument("--goals", type=_csv, required=True, metavar="G1,G2", help="e.g. bops=1/4,bops=1/8,size=1/16")
-    w.add_argument("--methods", type=_csv, default=["uniform", "dp", "spdy"], metavar="M1,M2")
+    w.add_argument("--methods", type=_methods, default=["uniform", "dp", "spdy"], metavar="M1,M2",
+                   help="comma list of " + ", ".join(SWEEP_METHODS) + " (default uniform,dp,spdy)")
     w.add_argument("--out", required=True, metavar="DIR", help="directory for sweep.json, recipes and plots")
     goal_args(w)
 
@@ -408,13 +481,13 @@ def _search(args, parser) -> int:
     if args.search_command == "select":
         from obcompress.search.nonuniform import best_uniform, parse_goal, select_dp, spdy
         from obcompress.model.calibration import calibration_batches
-        from obcompress.search.sweep import RECIPE_CORRECTIONS, _correction, as_recipe_runs
+        from obcompress.search.sweep import RECIPE_CORRECTIONS, as_recipe_runs, make_correction
 
         goal = parse_goal(args.goal, **({"activation_bits": act} if args.goal.strip().startswith("bops") and act else {}))
         batches = calibration_batches(entry.calibration, args.calibration_samples)
         # Dense statistics (statcorr) only where a candidate is corrected; the model is still dense here.
         need = args.eval or args.method == "spdy"
-        fix = _correction(args.correction if need else "none", batches, entry.model)
+        fix = make_correction(args.correction if need else "none", batches, entry.model)
         if args.method == "uniform":
             cfg = best_uniform(db, goal)[0]
         elif args.method == "spdy":
@@ -425,14 +498,20 @@ def _search(args, parser) -> int:
         recipe = cfg.recipe(db, activation_bits=act if goal.cost.name == "bops" else None)
         if args.correction in RECIPE_CORRECTIONS:
             recipe["corrections"] = dict(RECIPE_CORRECTIONS[args.correction])
-        with open(args.out, "w", encoding="utf-8") as f:
-            yaml.safe_dump(recipe, f, sort_keys=False)
+        # The goal counts the searched layers only: say what that is for the whole model.
+        from obcompress.search.whole_model import WholeModel
+
+        rest = WholeModel(goal.cost, entry.model, db.names, batches)
+        whole = rest.of(cfg.cost, cfg.dense_cost)
+        write_text(args.out, f"# {cfg.method} at {args.goal}: {whole.summary()}\n# {rest.describe()}\n"
+                   + yaml.safe_dump(recipe, sort_keys=False))
         print(f"{'layer':<40} {'variant':>14} {'score':>10}")
         for n, v in cfg.choice.items():
             kind = args.score if args.method in ("dp", "exact") else "error"
             print(f"{n:<40} {v.key:>14} {db.layers[n].score(v.key, kind):>10.4g}")
         print(f"{cfg.method}: {goal.cost.name} {cfg.cost:.4g} of dense {cfg.dense_cost:.4g} ({cfg.reduction:.2f}x), "
               f"total score {cfg.score:.4g}; recipe written to {args.out}")
+        print(f"{whole.summary()} ({rest.describe()})")
         if args.eval:
             m = entry.model
             db.apply(m, cfg.choice)
@@ -480,16 +559,27 @@ def _search_fit(args, entry, progress) -> int:
         cut = len(task.prefix)
         recipe["targets"] = [n[cut:] for n in recipe["targets"]]
         recipe["layers"] = {n[cut:]: v for n, v in recipe["layers"].items()}
-    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    # The goal counts the searched layers only: the whole model's figure beside it, costed on the
+    # user's own model (a FisherTask's head is not part of what `compress` writes).
+    from obcompress.model.calibration import calibration_batches
+    from obcompress.search.whole_model import WholeModel
+
+    cut = len(task.prefix) if task is not None else 0
+    rest = WholeModel(path.goal.cost, entry.model, [n[cut:] for n in path.choice],
+                      lambda: calibration_batches(entry.calibration, args.calibration_samples))
+    whole = rest.of(path.cost, path.dense_cost)
+    write_text(out / "recipe.yaml", f"# FITCompress at {args.goal}: {whole.summary()}\n# {rest.describe()}\n"
+               + yaml.safe_dump(recipe, sort_keys=False))
     write_path_report(path, out, {"fisher_seconds": r["fisher_seconds"], "search_seconds": r["search_seconds"],
                                   "fisher_batches": r["fisher_batches"], "dense": dense,
-                                  "results": r["results"]})
+                                  "results": r["results"], "whole_model": {**whole.to_dict(), "counts": rest.describe()}})
     print(f"{'layer':<40} {'variant':>14}")
     for n, v in path.choice.items():
         print(f"{n:<40} {v.key:>14}")
     print(f"FIT {path.fit:.4g} after {len(path.path) - 1} steps ({path.expansions} expansions); "
           f"{path.goal.cost.name} {path.reduction:.2f}x; Fisher {r['fisher_seconds']:.1f} s "
           f"({r['fisher_batches']} batches), search {r['search_seconds']:.2f} s")
+    print(f"{whole.summary()} ({rest.describe()})")
     if dense is not None:
         _print_metrics("dense", dense)
     for how, res in r["results"].items():

@@ -5,7 +5,8 @@ A recipe is a YAML document or a dict::
     targets: [Linear, Conv2d]        # optional (default: every compressible layer); class names,
                                      # exact module names or "re:<regex>" (fullmatch on the module name)
     ignore: ["re:.*classifier.*", conv1]
-    solver: exact                    # exact | gptq | sparsegpt | magnitude | rtn
+    solver: exact                    # exact | best | gptq | sparsegpt | magnitude | rtn: the solvers
+                                     # registry (obcompress.solvers.registry) and what each can do
     quantization:                    # optional
       num_bits: 4                    # 2..8
       symmetric: true
@@ -38,7 +39,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -47,7 +47,19 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
-from .solvers._common import MaskStructure, parse_mask_structure
+from .checks import (
+    MaskStructure,
+    check_bits,
+    check_bool,
+    check_damp,
+    check_group_size,
+    check_selector,
+    check_sparsity,
+    parse_mask_structure,
+    selector_matches,
+)
+from .solvers.registry import SOLVERS as SOLVER_REGISTRY
+from .solvers.registry import solvers_that
 
 __all__ = [
     "ActivationScheme",
@@ -59,12 +71,10 @@ __all__ = [
     "SparsityScheme",
 ]
 
-SOLVERS = ("exact", "best", "gptq", "sparsegpt", "magnitude", "rtn")
+# The solvers a recipe can name: the registry's (solvers.registry), which says what each can do.
+SOLVERS = tuple(SOLVER_REGISTRY)
 STRATEGIES = ("tensor", "channel", "group")
 CALIBRATION_MODES = ("parallel", "sequential")
-# Which sections each solver can act on; "exact" is OBQ, ExactOBS or their joint form.
-_NEEDS_QUANT = ("rtn", "gptq")
-_NEEDS_SPARSITY = ("magnitude", "sparsegpt")
 
 _TOP_KEYS = ("targets", "ignore", "solver", "quantization", "sparsity", "damp", "calibration",
              "corrections", "layers")
@@ -149,16 +159,20 @@ def _check_mapping(v: Any, path: str) -> Mapping:
     return v
 
 
+def _checked(check, value: Any, path: str, *more) -> Any:
+    """``check(value, path, *more)`` from obcompress.checks, its ValueError as a RecipeError."""
+    try:
+        return check(value, path, *more)
+    except ValueError as e:
+        raise _fail(str(e)) from None
+
+
 def _check_bool(v: Any, path: str) -> bool:
-    if not isinstance(v, bool):
-        raise _fail(f"{path} must be true or false, got {v!r}")
-    return v
+    return _checked(check_bool, v, path)
 
 
 def _check_bits(v: Any, path: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or not 2 <= v <= 8:
-        raise _fail(f"{path} must be an integer in 2..8, got {v!r}")
-    return v
+    return _checked(check_bits, v, path)
 
 
 def _check_choice(v: Any, choices: Sequence[str], path: str) -> str:
@@ -169,26 +183,11 @@ def _check_choice(v: Any, choices: Sequence[str], path: str) -> str:
     return v
 
 
-def _check_number(v: Any, path: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise _fail(f"{path} must be a finite number, got {v!r}")
-    return float(v)
-
-
 def _check_damp(v: Any, path: str) -> Union[str, float]:
-    if v == "auto":
-        return "auto"
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-        raise _fail(f"{path} must be 'auto' or a number >= 0, got {v!r}")
-    return float(v)
+    return _checked(check_damp, v, path)
 
 
 def _check_mask_structure(v: Any, path: str) -> MaskStructure:
-    if not isinstance(v, str):
-        hint = ""
-        if isinstance(v, int) and not isinstance(v, bool):
-            hint = " (an unquoted N:M such as 2:4 is a base-60 number to YAML 1.1 loaders: quote it, '2:4')"
-        raise _fail(f"{path} must be a string: 'unstructured', 'N:M' (e.g. '2:4') or 'block:c'; got {v!r}{hint}")
     try:
         return parse_mask_structure(v)
     except ValueError as e:
@@ -199,14 +198,7 @@ def _name(v: Any, path: str) -> str:
     # Module names in nn.Sequential are digits, which YAML reads as integers.
     if isinstance(v, int) and not isinstance(v, bool):
         return str(v)
-    if not isinstance(v, str) or not v:
-        raise _fail(f"{path} must be a non-empty string (a class name, module name or 're:<regex>'), got {v!r}")
-    if v.startswith("re:"):
-        try:
-            re.compile(v[3:])
-        except re.error as e:
-            raise _fail(f"{path}: bad regular expression {v[3:]!r}: {e}") from None
-    return v
+    return _checked(check_selector, v, path)
 
 
 def _name_list(v: Any, path: str) -> Tuple[str, ...]:
@@ -215,14 +207,6 @@ def _name_list(v: Any, path: str) -> Tuple[str, ...]:
     if not isinstance(v, (list, tuple)):
         raise _fail(f"{path} must be a list of names, got {_type_name(v)} {v!r}")
     return tuple(_name(x, f"{path}[{i}]") for i, x in enumerate(v))
-
-
-def selector_matches(pattern: str, name: str, class_name: Optional[str]) -> bool:
-    """One rule for targets, ignore and layer overrides: "re:" fullmatches the module name, anything
-    else is an exact module name or a class name (``class_name`` None: names only)."""
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
-    return pattern == name or (class_name is not None and pattern == class_name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,8 +295,7 @@ def _quant_values(d: Any, path: str) -> Dict[str, Any]:
     gs = d.get("group_size")
     gpath = _join(path, "group_size")
     if out["strategy"] == "group":
-        if isinstance(gs, bool) or not isinstance(gs, int) or gs < 1:
-            raise _fail(f"{gpath} must be an integer >= 1 when {_join(path, 'strategy')} is 'group', got {gs!r}")
+        gs = _checked(check_group_size, gs, gpath, _join(path, "strategy"))
     elif gs is not None:
         raise _fail(f"{gpath} is only used with {_join(path, 'strategy')}: group "
                     f"(strategy is {out['strategy']!r}); remove it or set it to null")
@@ -377,9 +360,7 @@ def _sparsity_values(d: Any, path: str) -> Dict[str, Any]:
             raise _fail(f"{spath} is required for {_join(path, 'mask_structure')}: {ms} "
                         "(only N:M structures fix their own sparsity)")
     else:
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not (0.0 <= s < 1.0):
-            raise _fail(f"{spath} must be a number in [0, 1), got {s!r}")
-        s = float(s)
+        s = _checked(check_sparsity, s, spath)
         fixed = ms.fixed_sparsity
         if fixed is not None and abs(s - fixed) > 1e-9:
             raise _fail(f"{spath}={s:g} contradicts {_join(path, 'mask_structure')}: {ms}, which is "
@@ -445,22 +426,49 @@ class LayerScheme:
 
 def _check_combination(solver: str, q: Optional[QuantizationScheme], s: Optional[SparsityScheme],
                        where: str) -> None:
-    """What each solver can do with the sections present (an empty scheme is left to the caller)."""
-    if q is not None and q.act_order and solver != "gptq":
-        raise _fail(f"{where}quantization.act_order is only supported by solver 'gptq', not {solver!r}")
+    """What the solver can do with the sections present, as the registry says (an empty scheme is
+    left to the caller)."""
+    spec = SOLVER_REGISTRY[solver]
+    if q is not None and q.act_order and not spec.act_order:
+        raise _fail(f"{where}quantization.act_order is only supported by solver "
+                    f"{_names(solvers_that(act_order=True))}, not {solver!r}")
     if q is None and s is None:
         return
-    if solver in _NEEDS_QUANT:
-        if q is None:
-            raise _fail(f"{where}solver {solver!r} needs a quantization section")
-        if s is not None:
-            raise _fail(f"{where}solver {solver!r} cannot prune: remove the sparsity section, "
-                        "or use solver 'exact' or 'sparsegpt' (or 'magnitude') to prune")
-    if solver in _NEEDS_SPARSITY and s is None:
-        raise _fail(f"{where}solver {solver!r} needs a sparsity section")
-    if solver == "sparsegpt" and s is not None and s.structure.kind == "block":
-        raise _fail(f"{where}solver 'sparsegpt' does not support block masks ({s.mask_structure}); "
-                    "use solver 'exact' or 'magnitude'")
+    missing = _missing_section(spec, q is not None, s is not None)
+    if missing:
+        raise _fail(f"{where}solver {solver!r} needs a {missing} section")
+    if s is not None and not spec.prunes:
+        raise _fail(f"{where}solver {solver!r} cannot prune: remove the sparsity section, or use solver "
+                    f"{_names(solvers_that('prune'))} to prune")
+    if q is not None and not spec.quantizes:
+        raise _fail(f"{where}solver {solver!r} cannot quantize: remove the quantization section, or use solver "
+                    f"{_names(solvers_that('quantize'))} to quantize")
+    if q is not None and s is not None and not spec.joint:
+        raise _fail(f"{where}solver {solver!r} cannot prune and quantize at once: use solver "
+                    f"{_names(solvers_that('joint'))}")
+    kind = s.structure.kind if s is not None else None
+    if kind is not None and kind not in spec.structures:
+        others = [n for n, o in SOLVER_REGISTRY.items() if kind in o.structures]
+        raise _fail(f"{where}solver {solver!r} does not support {_KIND_NAMES[kind]} masks ({s.mask_structure}); "
+                    f"use solver {_names(others)}")
+
+
+_KIND_NAMES = {"unstructured": "unstructured", "nm": "N:M", "block": "block"}
+
+
+def _missing_section(spec, quantization: bool, sparsity: bool) -> Optional[str]:
+    """The section a solver cannot do without: a quantizer that cannot prune needs quantization, a
+    pruner that cannot quantize alone needs sparsity."""
+    if not spec.prunes and not quantization:
+        return "quantization"
+    if "quantize" not in spec.modes and not sparsity:
+        return "sparsity"
+    return None
+
+
+def _names(names: Sequence[str]) -> str:
+    names = [repr(n) for n in names]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
 def _scheme_from_dict(d: Mapping, where: str) -> LayerScheme:
@@ -538,10 +546,10 @@ class Recipe:
             merged = _scheme_from_dict(_merge(self._base_dict(), over), where)
             compresses = compresses or merged.compresses
         if not compresses:
-            if self.solver in _NEEDS_QUANT and self.quantization is None:
-                raise _fail(f"solver {self.solver!r} needs a quantization section")
-            if self.solver in _NEEDS_SPARSITY and self.sparsity is None:
-                raise _fail(f"solver {self.solver!r} needs a sparsity section")
+            missing = _missing_section(SOLVER_REGISTRY[self.solver], self.quantization is not None,
+                                       self.sparsity is not None)
+            if missing:
+                raise _fail(f"solver {self.solver!r} needs a {missing} section")
             raise _fail("compresses nothing: give a quantization section and/or a sparsity section with "
                         "sparsity > 0 (at the top level or in layers overrides)")
 

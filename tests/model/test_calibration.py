@@ -343,3 +343,32 @@ def test_stop_early_refuses_data_dependent_calls():
     with pytest.raises(ValueError, match="fewer times than on the first batch"):
         collect_hessians(model, layers, [torch.randn(2, 3), torch.randn(1, 3)], stop_early=True)
     assert not model.fc._forward_pre_hooks
+
+
+def test_float32_data_into_a_float64_model_is_cast_with_a_warning():
+    from obcompress.api import compress
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    data = [torch.randn(16, 12) for _ in range(2)]  # float32
+    with pytest.warns(UserWarning, match="inputs are float32, the model's weights float64: casting"):
+        r = compress(model, {"solver": "gptq", "quantization": {"num_bits": 4}}, data, progress=False)
+    assert [x.name for x in r.layers] == ["0", "2"] and model[0].weight.dtype == torch.float64
+    # Integer inputs (token ids) are never cast.
+    emb = nn.Sequential(nn.Embedding(10, 6), nn.Linear(6, 4)).double()
+    ids = [torch.randint(0, 10, (4, 5))]
+    compress(emb, {"solver": "rtn", "quantization": {"num_bits": 8}}, ids, progress=False)
+
+
+def test_data_left_unused_is_announced():
+    batches = [torch.randn(32, 4) for _ in range(4)]  # 128 samples
+    with pytest.warns(UserWarning, match=r"using 64 calibration samples; the data holds more \(at least 32"):
+        assert len(calibration_batches(batches, 64)) == 2
+    with pytest.warns(UserWarning, match=r"using 48 calibration samples; the data holds more \(at least 16"):
+        calibration_batches(batches, 48)  # the second batch is cut
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(calibration_batches(batches, 128)) == 4  # all of it: nothing to say
+        calibration_batches(iter(batches), 128)

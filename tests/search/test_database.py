@@ -103,7 +103,7 @@ def test_interrupted_build_resumes_to_identical_files(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         build_database(model, data, tmp_path / "b", SPACE, num_calibration_samples=64, progress=False)
     assert len(list((tmp_path / "b" / "layers").glob("*.safetensors"))) == 2
-    assert not list((tmp_path / "b" / "layers").glob(".tmp-*"))  # no half-written file
+    assert not list((tmp_path / "b" / "layers").glob(".*"))  # no half-written (hidden temporary) file
     with pytest.raises(ValueError, match="incomplete"):
         load_database(tmp_path / "b", model)
     monkeypatch.setattr(dbmod, "_build_layer", real)

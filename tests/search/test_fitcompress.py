@@ -103,3 +103,20 @@ def test_a_given_fisher_is_reused_as_it_is():
     assert {n: v.key for n, v in given["path"].choice.items()} == {n: v.key for n, v in own["path"].choice.items()}
     with pytest.raises(ValueError, match="fisher must be a Fisher"):
         run_fitcompress(model, data, "size=1/6", apply=(), progress=False, fisher={"0": torch.ones(3)})
+
+
+def test_labelled_batches_read_only_what_they_need_and_batch_a_map_style_dataset():
+    from torch.utils.data import TensorDataset
+
+    model, X, y = _model_and_data()
+    # A map-style Dataset yields single samples: batched first, its own labels kept, 100 samples.
+    lab = labelled_batches(model, TensorDataset(X, y), 100)
+    assert sum(len(b[1]) for b in lab) == 100
+    assert torch.equal(torch.cat([b[1] for b in lab]), y[:100])
+
+    def endless():  # a stream: list() would never return
+        while True:
+            yield X[:64], y[:64]
+
+    lab = labelled_batches(model, endless(), 96)
+    assert [len(b[1]) for b in lab] == [64, 32]

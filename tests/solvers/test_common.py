@@ -5,16 +5,12 @@ import torch
 
 from obcompress.solvers._common import (
     AUTO_DAMP_LEVELS,
-    MaskStructure,
     SolverResult,
-    check_bits,
     check_hessian,
-    check_sparsity,
     check_weight,
     columns_last_perm,
     layer_loss,
     num_pruned,
-    parse_mask_structure,
     prepare_layer,
 )
 from obcompress.solvers.hessian import hessian
@@ -59,48 +55,6 @@ def test_layer_loss_basic_properties():
 # ---------------------------------------------------------------- mask structures
 
 
-@pytest.mark.parametrize(
-    "text,kind,n,m,block,fixed",
-    [
-        ("unstructured", "unstructured", 0, 0, 1, None),
-        ("  Unstructured ", "unstructured", 0, 0, 1, None),
-        ("2:4", "nm", 2, 4, 1, 0.5),
-        ("1:4", "nm", 1, 4, 1, 0.75),
-        ("3:8", "nm", 3, 8, 1, 0.625),
-        ("block:4", "block", 0, 0, 4, None),
-        ("BLOCK:16", "block", 0, 0, 16, None),
-        ("block:1", "unstructured", 0, 0, 1, None),
-    ],
-)
-def test_parse_mask_structure_accepts(text, kind, n, m, block, fixed):
-    ms = parse_mask_structure(text)
-    assert isinstance(ms, MaskStructure)
-    assert (ms.kind, ms.n, ms.m, ms.block) == (kind, n, m, block)
-    assert ms.fixed_sparsity == fixed
-    assert parse_mask_structure(str(ms)) == ms
-    if kind == "nm":
-        assert ms.pruned_per_group == m - n
-
-
-@pytest.mark.parametrize(
-    "text",
-    ["4:4", "0:4", "5:4", "2:0", "2:", ":4", "a:b", "2-4", "2:4:8", "block", "block:", "block:0", "block:-2",
-     "block:x", "", "dense", "n:m", None, 4, 0.5],
-)
-def test_parse_mask_structure_rejects(text):
-    with pytest.raises(ValueError, match="mask_structure"):
-        parse_mask_structure(text)
-
-
-def test_parse_mask_structure_checks_cols():
-    assert parse_mask_structure("2:4", 12).m == 4
-    assert parse_mask_structure("block:3", 9).block == 3
-    assert parse_mask_structure("unstructured", 7).kind == "unstructured"
-    for text, cols in [("2:4", 10), ("1:8", 12), ("block:4", 6)]:
-        with pytest.raises(ValueError, match="divisible"):
-            parse_mask_structure(text, cols)
-
-
 def test_columns_last_perm():
     assert columns_last_perm(6, None) is None
     assert columns_last_perm(6, 1) is None
@@ -125,20 +79,6 @@ def test_num_pruned_rounds_half_up():
     assert num_pruned(0.999, 10) == 10
     assert num_pruned(0.5, 1) == 1
     assert num_pruned(0.49, 1) == 0
-
-
-def test_check_sparsity_and_bits():
-    for ok in (0, 0.0, 0.5, 0.999):
-        check_sparsity(ok)
-    check_sparsity(None, allow_none=True)
-    for bad in (1.0, 1, -0.01, float("nan"), float("inf"), None, True, "0.5"):
-        with pytest.raises(ValueError, match="sparsity"):
-            check_sparsity(bad)
-    for ok in range(2, 9):
-        check_bits(ok)
-    for bad in (1, 9, 4.0, True, None):
-        with pytest.raises(ValueError, match="bits"):
-            check_bits(bad)
 
 
 def test_check_weight_errors():

@@ -279,3 +279,29 @@ def test_nm_rows_that_drift_in_a_forced_float32_loop_are_refitted():
         w0 = W[i].double()
         best[i, S] = w0[S] + torch.linalg.solve(H[S][:, S], H[S][:, P] @ w0[P])
     assert r.loss == pytest.approx(layer_loss(W, best, H), rel=1e-6)
+
+
+def test_solving_on_several_threads_leaves_torchs_thread_count_alone(monkeypatch):
+    # torch's thread count is process-wide: a solver that set it to 1 while it runs would slow
+    # down everything else the process does meanwhile.
+    import obcompress.solvers._elimination as E
+
+    if E._native.kernel() is None:
+        pytest.skip("chunks run on threads only with the fused kernel")
+    seen = []
+    real_start = E._start_chunk
+
+    def spy(*a, **k):
+        seen.append(torch.get_num_threads())
+        return real_start(*a, **k)
+
+    monkeypatch.setattr(E, "_start_chunk", spy)
+    monkeypatch.setattr(E, "CHUNK_BYTES_NATIVE", 3 * COLS * COLS * 4)
+    W, H = correlated_problem(12, COLS, seed=20, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        exact_obs_database(W, H, damp=0)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(seen) > 1 and set(seen) == {2}

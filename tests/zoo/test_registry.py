@@ -82,3 +82,52 @@ def test_bad_specs_and_names(tmp_path):
     bad.write_text("def f():\n    return 1, 2\n")
     with pytest.raises(ValueError, match="must return"):
         R.load_spec(f"{bad}:f")
+
+
+def _zstd_deb(tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("dpkg-deb") is None:
+        pytest.skip("dpkg-deb is not installed: cannot build a zstd .deb to read")
+    root = tmp_path / "pkg"
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "DEBIAN" / "control").write_text("Package: obc-test\nVersion: 1.0\nArchitecture: all\n"
+                                             "Maintainer: t <t@example.com>\nDescription: test\n")
+    (root / "usr" / "share" / "obc").mkdir(parents=True)
+    (root / "usr" / "share" / "obc" / "data.txt").write_text("hello from zstd")
+    deb = tmp_path / "obc-test_1.0_all.deb"
+    proc = subprocess.run(["dpkg-deb", "-Zzstd", "--root-owner-group", "-b", str(root), str(deb)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"this dpkg-deb cannot build zstd packages: {proc.stderr.strip()}")
+    return deb
+
+
+def test_a_zstd_compressed_deb_is_read(tmp_path):
+    from obcompress.zoo._fetch import read_members
+
+    deb = _zstd_deb(tmp_path)
+    members = read_members(deb, lambda name: name.endswith("data.txt"))
+    assert members == {"usr/share/obc/data.txt": b"hello from zstd"}
+
+
+def test_without_dpkg_or_zstandard_the_error_says_what_to_install(tmp_path, monkeypatch):
+    import builtins
+    import shutil
+
+    from obcompress.zoo import ZooUnavailable
+    from obcompress.zoo._fetch import read_members
+
+    deb = _zstd_deb(tmp_path)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    real_import = builtins.__import__
+
+    def no_zstandard(name, *a, **k):
+        if name == "zstandard":
+            raise ImportError("no zstandard")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_zstandard)
+    with pytest.raises(ZooUnavailable, match=r"zstd: install Debian.s dpkg \(dpkg-deb\) or .pip install zstandard."):
+        read_members(deb, lambda name: True)

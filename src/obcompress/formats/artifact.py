@@ -28,17 +28,16 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from .._locks import directory_lock
+from ..files import atomic_directory
 from ..model.activations import attach, quantizers_from_dict, quantizers_to_dict
-from ..model.layers import LayerInfo, find_layers
+from ..model.layers import LayerInfo, find_layers, weight_groups
 from ..solvers.grid import QuantGrid
 from .packing import pack_bits, pack_mask, packed_size, unpack_bits, unpack_mask
 
@@ -47,11 +46,12 @@ __all__ = [
     "FORMAT_VERSION",
     "RECIPE_FILE",
     "REPORT_FILE",
+    "StoredLayer",
     "WEIGHTS_FILE",
-    "LayerParts",
     "artifact_size",
+    "column_groups",
+    "decode_codes",
     "fp32_size",
-    "layer_parts",
     "load",
     "read_config",
     "read_layers",
@@ -117,23 +117,15 @@ def fp32_size(model: nn.Module) -> int:
 # weight layout and reconstruction
 
 
-def _native_groups(info: LayerInfo) -> torch.Tensor:
-    """The layer's weight as (groups, rows, cols) in its own dtype, on the CPU (``weight_groups``
-    without its float32 cast, so that float64 or other weights are compared exactly)."""
-    w = info.module.weight.detach()
-    if info.kind == "conv1d_hf":
-        w = w.t()
-    return w.reshape(info.groups, info.rows, info.cols).cpu()
-
-
 def _to_module_layout(info_kind: str, W: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
-    """Inverse of ``_native_groups``: (groups, rows, cols) back to the module's weight shape."""
+    """Inverse of ``weight_groups``: (groups, rows, cols) back to the module's weight shape."""
     if info_kind == "conv1d_hf":
         return W[0].t().contiguous()
     return W.reshape(shape).contiguous()
 
 
-def _column_groups(G: int, C: int, strategy: str, group_size: Optional[int], g_idx: Optional[torch.Tensor]):
+def column_groups(G: int, C: int, strategy: str, group_size: Optional[int], g_idx: Optional[torch.Tensor]):
+    """(G, C): the quantization group (index into the scale's last dimension) of every column."""
     if g_idx is not None:
         return g_idx.to(torch.long)
     c = torch.arange(C)
@@ -141,8 +133,8 @@ def _column_groups(G: int, C: int, strategy: str, group_size: Optional[int], g_i
     return col.expand(G, C)
 
 
-def _decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, col_groups: torch.Tensor,
-            mask: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+def decode_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, col_groups: torch.Tensor,
+                 mask: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """Weights (G, R, C) from codes (G, R, C): ``scale * (code - zero)`` in float32 exactly as
     ``QuantGrid.decode``, zero where pruned, cast to the weight dtype as ``set_weight_groups`` does."""
     G, R, C = codes.shape
@@ -209,7 +201,8 @@ def _nbytes(t: torch.Tensor) -> int:
 
 def _encode_layer(name: str, info: LayerInfo, state) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
     """Config entry and tensors (keys relative to the layer) of one compressed layer."""
-    target = _native_groups(info)
+    # in the weight's own dtype, so that float64 or other weights are compared exactly
+    target = weight_groups(info, dtype=None).cpu()
     G, R, C = target.shape
     N = target.numel()
     dtype = target.dtype
@@ -261,7 +254,7 @@ def _encode_layer(name: str, info: LayerInfo, state) -> Tuple[Dict[str, Any], Di
         g_idx = None
         if any(g.g_idx is not None for g in grids):
             g_idx = torch.stack([g.column_groups(C, device="cpu") for g in grids]).to(_index_dtype(n_groups))
-        col = _column_groups(G, C, g0.strategy, g0.group_size, g_idx)
+        col = column_groups(G, C, g0.strategy, g0.group_size, g_idx)
         dense_bytes = packed_size(N, g0.bits)
         sparse_bytes = None if mask is None else math.ceil(N / 8) + packed_size(kept, g0.bits)
         storages = [(dense_bytes, CODES)]
@@ -279,7 +272,7 @@ def _encode_layer(name: str, info: LayerInfo, state) -> Tuple[Dict[str, Any], Di
             for sd in (torch.float16, torch.float32):
                 s = scale.to(sd)
                 if s.to(torch.float32).isfinite().all() and torch.equal(
-                        _decode(codes, s, z, col, use_mask, dtype), target):
+                        decode_codes(codes, s, z, col, use_mask, dtype), target):
                     chosen = (storage, s, z)
                     break
             if chosen:
@@ -416,10 +409,7 @@ def save(model: nn.Module, result, directory: Union[str, os.PathLike]) -> Dict[s
         "activation_quantizers": quantizers_to_dict(getattr(result, "activation_quantizers", {}) or {}),
     }
 
-    parent = directory.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=parent))
-    try:
+    with atomic_directory(directory) as tmp:
         weights = tmp / WEIGHTS_FILE
         save_file(tensors, str(weights), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
         config["files"] = {WEIGHTS_FILE: {"bytes": weights.stat().st_size, "sha256": _sha256(weights)}}
@@ -430,15 +420,6 @@ def save(model: nn.Module, result, directory: Union[str, os.PathLike]) -> Dict[s
         report = _report(result, config, fp32, weights.stat().st_size + len(config_bytes)
                          + (tmp / RECIPE_FILE).stat().st_size)
         (tmp / REPORT_FILE).write_bytes(report)
-        for p in tmp.iterdir():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-            os.chmod(p, 0o644)  # mkstemp/mkdtemp make them owner-only; an artifact is meant to be shared
-        os.chmod(tmp, 0o755)
-        _replace_dir(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return config
 
 
@@ -467,31 +448,6 @@ def _report(result, config, fp32: int, other_bytes: int) -> bytes:
         if need <= total:
             return data + b" " * (total - need)
         total = need
-
-
-def _replace_dir(tmp: Path, directory: Path) -> None:
-    # Concurrent saves to one directory take turns for the swap (the writing into their own
-    # temporary directories runs in parallel): each swap sees a complete artifact or none, and
-    # the last save wins.
-    with directory_lock(directory.parent, wait=True, what=f"the parent of {directory}"):
-        _swap_dir(tmp, directory)
-
-
-def _swap_dir(tmp: Path, directory: Path) -> None:
-    if not directory.exists():
-        os.replace(tmp, directory)
-        return
-    # rename(2) cannot replace a non-empty directory: move the old artifact aside first, so that at
-    # every moment ``directory`` is either the old complete artifact, absent, or the new one.
-    old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-    os.rmdir(old)
-    os.replace(directory, old)
-    try:
-        os.replace(tmp, directory)
-    except BaseException:
-        os.replace(old, directory)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -583,36 +539,33 @@ def _dtype(name, where: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-class LayerParts(NamedTuple):
-    """A compressed layer as the artifact stores it, unpacked: what an exporter to another format needs.
+@dataclass
+class StoredLayer:
+    """A compressed layer as an artifact holds it (see ``read_layers``)."""
 
-    ``codes`` (G, R, C) uint8 are None for an unquantized layer, whose weights are ``values`` (G, R, C)
-    in ``dtype`` (pruned ones zero); a quantized layer's weight is ``scale * (codes - zero)`` with the
-    scale and zero point of each column's group ``col_groups`` (G, C), zero where ``mask`` is False.
-    ``scale`` is (G, 1 or R, groups) and ``zero`` has its shape or is one value (1, 1, 1).
-    """
-
-    dtype: torch.dtype
-    shape: Tuple[int, int, int]
-    mask: Optional[torch.Tensor]
-    values: Optional[torch.Tensor]
-    codes: Optional[torch.Tensor]
-    scale: Optional[torch.Tensor]
-    zero: Optional[torch.Tensor]
-    col_groups: Optional[torch.Tensor]
-    act_order: bool  # the column groups came from a stored g_idx (GPTQ act-order), not from the strategy
-    quantization: Optional[Dict[str, Any]]  # the entry's settings: bits, symmetric, strategy, group_size, ...
-
-    def weight(self) -> torch.Tensor:
-        """The layer's weight (G, R, C) in its dtype, as ``load`` writes it into the model."""
-        if self.codes is None:
-            return self.values
-        return _decode(self.codes, self.scale, self.zero, self.col_groups, self.mask, self.dtype)
+    entry: Dict[str, Any]  # its compression_config.json entry
+    weight: torch.Tensor  # (groups, rows, cols) in the layer's dtype, exactly as ``load`` writes it
+    # Quantized layers: the integer codes (G, R, C) uint8, a pruned weight holding its zero point
+    # (the code that decodes to 0); scale and zero point (G, R or 1, quantization groups) float32;
+    # each column's quantization group (G, C).
+    codes: Optional[torch.Tensor] = None
+    scale: Optional[torch.Tensor] = None
+    zero: Optional[torch.Tensor] = None
+    column_groups: Optional[torch.Tensor] = None
 
 
-def layer_parts(name: str, e: Dict[str, Any], tensors) -> LayerParts:
-    """The stored parts of artifact layer ``name`` (its config entry ``e``), unpacked and checked;
-    ValueError if they disagree with each other or with the entry."""
+def read_layers(directory: Union[str, os.PathLike]) -> Dict[str, StoredLayer]:
+    """Every compressed layer of the artifact, rebuilt from its stored parts and checked (size,
+    checksum, shapes) as ``load`` does, without a model."""
+    directory = Path(directory)
+    config = read_config(directory)
+    tensors = _read_weights(directory, config)
+    return {name: _stored_layer(name, e, tensors) for name, e in config["layers"].items()}
+
+
+def _stored_layer(name: str, e: Dict[str, Any], tensors) -> StoredLayer:
+    """The layer's weight (G, R, C) in its dtype (and its codes) from the stored parts; ValueError
+    if they disagree."""
     where = f"artifact layer {name!r}"
     try:
         G, R, C = int(e["groups"]), int(e["rows"]), int(e["cols"])
@@ -632,11 +585,10 @@ def layer_parts(name: str, e: Dict[str, Any], tensors) -> LayerParts:
     if storage in (VALUES, MASK_VALUES):
         values = _expect(tensors, _layer_key(name, "values"), (kept,), dtype, where)
         if mask is None:
-            W = values.reshape(G, R, C)
-        else:
-            W = torch.zeros(G, R, C, dtype=dtype)
-            W[mask] = values
-        return LayerParts(dtype, (G, R, C), mask, W, None, None, None, None, False, None)
+            return StoredLayer(e, values.reshape(G, R, C))
+        W = torch.zeros(G, R, C, dtype=dtype)
+        W[mask] = values
+        return StoredLayer(e, W)
     if not isinstance(q, dict):
         raise ValueError(f"{where}: codes stored without quantization settings")
     try:
@@ -650,11 +602,6 @@ def layer_parts(name: str, e: Dict[str, Any], tensors) -> LayerParts:
         raise ValueError(f"{where}: {bits}-bit codes; artifacts store 2..8 bits")
     packed = _expect(tensors, _layer_key(name, "codes"), (packed_size(kept, bits),), torch.uint8, where)
     codes_kept = unpack_bits(packed, bits, kept)
-    if mask is None:
-        codes = codes_kept.reshape(G, R, C)
-    else:
-        codes = torch.zeros(G, R, C, dtype=torch.uint8)
-        codes[mask] = codes_kept
     if len(scale_shape) != 3 or scale_shape[0] != G or scale_shape[1] not in (1, R):
         raise ValueError(f"{where}: scale shape {scale_shape} does not fit {G} groups of {R} rows")
     scale = _expect(tensors, _layer_key(name, "scale"), scale_shape, sdt, where)
@@ -667,29 +614,20 @@ def layer_parts(name: str, e: Dict[str, Any], tensors) -> LayerParts:
         raise ValueError(f"{where}: g_idx has shape {tuple(g_idx.shape)}, expected {(G, C)}")
     if g_idx is None and strategy == "group" and (not isinstance(group_size, int) or group_size < 1):
         raise ValueError(f"{where}: group strategy without a valid group_size")
-    col = _column_groups(G, C, strategy, group_size, g_idx)
+    col = column_groups(G, C, strategy, group_size, g_idx)
     if col.numel() and (int(col.min()) < 0 or int(col.max()) >= scale_shape[2]):
         raise ValueError(f"{where}: column groups out of range of {scale_shape[2]} scale groups")
-    return LayerParts(dtype, (G, R, C), mask, None, codes, scale, zero, col, g_idx is not None, dict(q))
-
-
-def _rebuild_layer(name: str, e: Dict[str, Any], tensors) -> torch.Tensor:
-    """The layer's weight (G, R, C) in its dtype from the stored parts; ValueError if they disagree."""
-    return layer_parts(name, e, tensors).weight()
-
-
-def read_layers(directory: Union[str, os.PathLike]) -> Tuple[Dict[str, Any], Dict[str, LayerParts]]:
-    """An artifact's config and every compressed layer's ``LayerParts``, checked as ``load`` checks them
-    (size, checksum, shapes); no model needed."""
-    directory = Path(directory)
-    config = read_config(directory)
-    tensors = _read_weights(directory, config)
-    parts = {}
-    for name, e in config["layers"].items():
-        if not isinstance(e, dict):
-            raise ValueError(f"artifact layer {name!r}: malformed entry")
-        parts[name] = layer_parts(name, e, tensors)
-    return config, parts
+    zero32 = zero.to(torch.float32).expand(scale_shape).contiguous()
+    if mask is None:
+        codes = codes_kept.reshape(G, R, C)
+    else:
+        # A pruned weight has no stored code; its zero point is the code that decodes to 0.
+        idx = col[:, None, :].expand(G, R, C)
+        codes = torch.gather(zero32.expand(G, R, scale_shape[2]), 2, idx).round().clamp(0, 2**bits - 1)
+        codes = codes.to(torch.uint8)
+        codes[mask] = codes_kept
+    return StoredLayer(e, decode_codes(codes, scale, zero, col, mask, dtype), codes, scale.to(torch.float32),
+                       zero32, col)
 
 
 def load(directory: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
@@ -738,7 +676,7 @@ def load(directory: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
         if list(target.shape) != e.get("weight_shape"):
             raise ValueError(f"artifact does not match the model: layer {name!r} has weight shape {e.get('weight_shape')}, the model's is "
                              f"{list(target.shape)}")
-        W = _rebuild_layer(name, e, tensors)
+        W = _stored_layer(name, e, tensors).weight
         if W.dtype != target.dtype:
             raise ValueError(f"artifact layer {name!r} holds {W.dtype} weights, the model's are {target.dtype}")
         new[e["state_key"]] = _to_module_layout(info.kind, W, tuple(target.shape))

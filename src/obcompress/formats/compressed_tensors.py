@@ -65,7 +65,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,7 +76,9 @@ from torch import nn
 
 from ..model.activations import quantizers_from_dict
 from ..model.layers import find_layers
-from .artifact import LayerParts, _replace_dir, fp32_size, load, read_layers
+from .._progress import progress_bar
+from ..files import atomic_directory
+from .artifact import StoredLayer, fp32_size, load, read_config, read_layers
 
 __all__ = [
     "CT_TESTED_VERSIONS",
@@ -243,16 +244,16 @@ class _Scheme:
                 "format": "pack-quantized"}
 
 
-def _regroup(parts: LayerParts) -> Tuple[str, Optional[int], torch.Tensor, Optional[torch.Tensor]]:
+def _regroup(layer: StoredLayer) -> Tuple[str, Optional[int], torch.Tensor, Optional[torch.Tensor]]:
     """The layer's grid as equal-sized groups: (strategy, group size, scale index per new group,
     g_idx per column or None). compressed-tensors splits the columns into groups of one size (in
     g_idx order when given), so groups of unequal size become groups of their gcd with repeated scales."""
-    q = parts.quantization
-    _, R, C = parts.shape
+    q = layer.entry["quantization"]
+    _, R, C = layer.weight.shape
     if q["strategy"] == "tensor":
         return "tensor", None, torch.zeros(1, dtype=torch.long), None
-    col = parts.col_groups[0]
-    n = parts.scale.shape[-1]
+    col = layer.column_groups[0]
+    n = layer.scale.shape[-1]
     counts = torch.bincount(col, minlength=n)
     used = torch.nonzero(counts).reshape(-1)
     if len(used) == 1:
@@ -274,33 +275,29 @@ def _regroup(parts: LayerParts) -> Tuple[str, Optional[int], torch.Tensor, Optio
     return "group", size, torch.tensor(source, dtype=torch.long), new_idx.to(torch.int32)
 
 
-def _encode(name: str, parts: LayerParts, layout: CTLayout, dtype: torch.dtype, input_quantizer,
+def _encode(name: str, layer: StoredLayer, layout: CTLayout, dtype: torch.dtype, input_quantizer,
             widen: bool) -> Tuple[_Scheme, Dict[str, torch.Tensor]]:
     """A quantized linear layer's scheme and tensors (names relative to the layer). ``widen``: an
     asymmetric b-bit grid is written as the symmetric (b+1)-bit grid with the same scale, whose
     codes code - zero (in -(2^b - 1) .. 2^b - 1) decode to the very same weights."""
-    q = parts.quantization
+    q = layer.entry["quantization"]
     bits, symmetric = int(q["bits"]), bool(q["symmetric"])
-    _, R, C = parts.shape
-    strategy, size, source, g_idx = _regroup(parts)
+    _, R, C = layer.weight.shape
+    strategy, size, source, g_idx = _regroup(layer)
     half = 1 << (bits - 1)
-    n_old = parts.scale.shape[-1]
-    # scale is (1 or R, groups) per conv group, zero the same or one value: both to (R, groups).
-    scale_old = parts.scale[0].to(torch.float32).expand(R, n_old)
-    zero_old = parts.zero[0].to(torch.float32).expand(R, n_old)
+    n_old = layer.scale.shape[-1]
+    # scale and zero are (1 or R, groups) per conv group: both to (R, groups).
+    scale_old = layer.scale[0].expand(R, n_old)
+    zero_old = layer.zero[0].expand(R, n_old)
     scale, zero = scale_old[:, source], zero_old[:, source]
-    codes = parts.codes[0].to(torch.int64)
-    if parts.mask is not None:
-        # The artifact keeps no code for a pruned weight; the format has no mask, so it must be the
-        # code that decodes to exactly 0: its zero point, an integer on every grid obcompress fits.
-        zc = zero_old[:, parts.col_groups[0]]
-        if not torch.equal(zc, zc.round()):
-            raise ValueError(f"layer {name!r}: zero points that are not integers cannot encode pruned weights")
-        codes = torch.where(parts.mask[0], codes, zc.to(torch.int64))
+    # The format has no mask: a pruned weight is its zero point's code (read_layers puts it there),
+    # which decodes to exactly 0 on every grid obcompress fits (integer zero points); the written
+    # layer is checked against the model's weight after writing.
+    codes = layer.codes[0].to(torch.int64)
     if widen and not symmetric:
         if bits >= 8:
             raise ValueError(f"layer {name!r}: an asymmetric 8-bit grid cannot be widened (9 bits)")
-        per_col = zero_old[:, parts.col_groups[0]]
+        per_col = zero_old[:, layer.column_groups[0]]
         if not torch.equal(per_col, per_col.round()):
             raise ValueError(f"layer {name!r}: zero points that are not integers cannot be widened")
         codes = codes - per_col.to(torch.int64) + (1 << bits)
@@ -450,8 +447,6 @@ def export_compressed_tensors(model: nn.Module, artifact_dir: Union[str, os.Path
     zero-point for readers that load it, else widen. The directory appears complete or not at all;
     an existing ``out_dir`` is replaced only when empty or a previous export.
     """
-    from tqdm.auto import tqdm
-
     if not (isinstance(model, nn.Module) and hasattr(model, "save_pretrained") and hasattr(model, "config")):
         raise ValueError("the compressed-tensors export needs a Hugging Face transformers model (e.g. --model hf:DIR); "
                          f"got {type(model).__name__}. For other models use the ONNX export")
@@ -466,7 +461,8 @@ def export_compressed_tensors(model: nn.Module, artifact_dir: Union[str, os.Path
         raise ValueError(f"{out} is a non-empty directory that is not a compressed-tensors export; refusing to replace it")
     tok_src = _tokenizer_source(model, tokenizer_dir)
 
-    config, parts_by_layer = read_layers(artifact_dir)
+    config = read_config(artifact_dir)
+    stored = read_layers(artifact_dir)
     load(artifact_dir, model)
     found = find_layers(model)
     quantizers = quantizers_from_dict(config.get("activation_quantizers", {}) or {})
@@ -479,24 +475,24 @@ def export_compressed_tensors(model: nn.Module, artifact_dir: Union[str, os.Path
     written_tensors: Dict[str, Dict[str, torch.Tensor]] = {}
     pruned: Dict[str, Tuple[Optional[str], int, int]] = {}
     widened: List[str] = []
-    for name, parts in tqdm(parts_by_layer.items(), desc="export", unit="layer", disable=not progress):
+    for name, layer in progress_bar(stored.items(), progress=progress, desc="export", unit="layer"):
         info = found[name]
         wkey = f"{name}.weight"
-        G, R, C = parts.shape
-        entry = config["layers"][name]
+        G, R, C = layer.weight.shape
+        entry = layer.entry
         # The artifact drops the mask where plain codes are smaller (a pruned weight is then its zero
         # code), so the entry's recorded sparsity and structure say what was pruned.
         sparsity = float(entry.get("sparsity") or 0.0)
-        structure = entry.get("mask_structure") or ("unstructured" if parts.mask is not None else None)
+        structure = entry.get("mask_structure") or ("unstructured" if sparsity > 0 else None)
         if structure is not None and sparsity > 0:
             pruned[name] = (structure, round(sparsity * G * R * C), G * R * C)
-        q = parts.quantization
+        q = entry.get("quantization")
         reason = None
         if q is not None:
             if not isinstance(info.module, nn.Linear):
                 reason = (f"a {type(info.module).__name__} cannot carry a compressed-tensors scheme (Linear layers "
                           "only)")
-            elif parts.act_order and not layout.g_idx:
+            elif q.get("act_order_groups") and not layout.g_idx:
                 reason = (f"its act-order groups need weight_g_idx, which compressed-tensors {layout.version} no "
                           "longer reads (removed in 0.19; pass ct_version / --ct-version 0.18.0 for older readers)")
             elif wkey in tied:
@@ -509,7 +505,7 @@ def export_compressed_tensors(model: nn.Module, artifact_dir: Union[str, os.Path
         rec = {"written": "dense", "bits": None, "group_size": None, "strategy": None,
                "sparsity": sparsity, "mask_structure": structure}
         if q is not None and reason is None:
-            scheme, tensors = _encode(name, parts, layout, dtype, aq, widen)
+            scheme, tensors = _encode(name, layer, layout, dtype, aq, widen)
             if widen and not q["symmetric"]:
                 widened.append(name)
             written_tensors[name] = tensors
@@ -579,9 +575,9 @@ def export_compressed_tensors(model: nn.Module, artifact_dir: Union[str, os.Path
         else:
             state[k] = t.detach().cpu()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    # Written whole into a temporary sibling that then replaces out_dir: the old export or the new
+    # one, never half of one.
+    with atomic_directory(out) as tmp:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             _quiet_save(model, tmp, state)
@@ -596,13 +592,6 @@ def export_compressed_tensors(model: nn.Module, artifact_dir: Union[str, os.Path
                     shutil.copyfile(src, tmp / fname)
         weights_bytes = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
         _check_written(tmp, model, sd, config_groups, layout, layer_report)
-        for p in tmp.iterdir():
-            os.chmod(p, 0o644)
-        os.chmod(tmp, 0o755)
-        _replace_dir(tmp, out)  # the artifact's swap: old or new export, never half of one
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for n in notes:
         warnings.warn(n, stacklevel=2)
     return CTExport(out, _directory_size(out), fp32_size(model), weights_bytes, layer_report, config_groups,

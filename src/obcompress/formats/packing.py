@@ -17,6 +17,8 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
+from ..checks import check_bits, check_int
+
 __all__ = ["pack_bits", "packed_size", "pack_mask", "unpack_bits", "unpack_mask"]
 
 # Codes per chunk; a multiple of 8 so that every chunk but the last ends on a byte boundary for
@@ -24,16 +26,8 @@ __all__ = ["pack_bits", "packed_size", "pack_mask", "unpack_bits", "unpack_mask"
 _CHUNK = 1 << 22
 
 
-def _check_bits(bits) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 2 <= int(bits) <= 8:
-        raise ValueError(f"bits must be an integer from 2 to 8, got {bits!r}")
-    return int(bits)
-
-
 def _check_count(count) -> int:
-    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or int(count) < 0:
-        raise ValueError(f"count must be a non-negative integer, got {count!r}")
-    return int(count)
+    return check_int(count, "count", 0)
 
 
 def _as_uint8_array(t, what: str) -> np.ndarray:
@@ -50,13 +44,13 @@ def _as_uint8_array(t, what: str) -> np.ndarray:
 
 def packed_size(count: int, bits: int) -> int:
     """Bytes that ``count`` codes of ``bits`` bits take once packed."""
-    return math.ceil(_check_count(count) * _check_bits(bits) / 8)
+    return math.ceil(_check_count(count) * check_bits(bits) / 8)
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack uint8 ``codes`` (any shape, read flattened), each < 2**bits, into a 1-D uint8 tensor of
     ``ceil(codes.numel() * bits / 8)`` bytes. Inverse: ``unpack_bits(packed, bits, codes.numel())``."""
-    bits = _check_bits(bits)
+    bits = check_bits(bits)
     flat = _as_uint8_array(codes, "codes")
     if flat.size and int(flat.max()) >= 1 << bits:
         raise ValueError(f"codes must be below 2**{bits} = {1 << bits}, got a code of {int(flat.max())}")
@@ -75,7 +69,7 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """The first ``count`` codes of a ``pack_bits`` stream, as a 1-D uint8 tensor."""
-    bits = _check_bits(bits)
+    bits = check_bits(bits)
     count = _check_count(count)
     flat = _as_uint8_array(packed, "packed")
     need = packed_size(count, bits)

@@ -19,6 +19,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Union
 import torch
 import torch.nn as nn
 
+from ..checks import check_bits, check_bool, check_int
 from ..recipe import ActivationScheme
 from ..solvers.grid import minmax_params
 from .calibration import run_model
@@ -64,7 +65,7 @@ class ActivationQuantizer:
             raise ValueError("ActivationQuantizer.fit needs at least one value")
         if not torch.isfinite(x).all():
             raise ValueError("ActivationQuantizer.fit: the values contain NaN or inf")
-        _check_bits(bits)
+        check_bits(bits, "activation bits")
         scale, zero = minmax_params(x.detach().reshape(1, -1), bits, bool(symmetric), bool(mse))
         return cls(float(scale[0]), int(zero[0]), int(bits), bool(symmetric))
 
@@ -102,20 +103,13 @@ class ActivationQuantizer:
         return cls(scale=scale, zero=d["zero"], bits=d["bits"], symmetric=d["symmetric"])
 
 
-def _check_bits(bits: Any) -> None:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise ValueError(f"activation bits must be an integer in 2..8, got {bits!r}")
-
-
 def _check_fields(scale: Any, zero: Any, bits: Any, symmetric: Any) -> None:
-    _check_bits(bits)
-    if not isinstance(symmetric, bool):
-        raise ValueError(f"activation quantizer symmetric must be true or false, got {symmetric!r}")
+    check_bits(bits, "activation bits")
+    check_bool(symmetric, "activation quantizer symmetric")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"activation quantizer scale must be a finite number > 0, got {scale!r}")
     maxq = 2**bits - 1
-    if isinstance(zero, bool) or not isinstance(zero, int) or not 0 <= zero <= maxq:
-        raise ValueError(f"activation quantizer zero must be an integer in 0..{maxq}, got {zero!r}")
+    check_int(zero, "activation quantizer zero", 0, maxq)
     if symmetric and zero != 2 ** (bits - 1):
         raise ValueError(f"a symmetric {bits}-bit activation quantizer has zero point {2 ** (bits - 1)}, got {zero}")
 

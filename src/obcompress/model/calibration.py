@@ -17,7 +17,8 @@ import torch.nn as nn
 from ..solvers.hessian import HessianAccumulator, all_finite
 from .layers import LayerInfo
 
-__all__ = ["HessianHooks", "StopForward", "calibration_batches", "collect_hessians", "count_samples", "run_model"]
+__all__ = ["HessianHooks", "StopForward", "calibration_batches", "collect_hessians", "count_samples", "run_model",
+           "take_samples"]
 
 # Collated samples from a torch Dataset come in batches of this size.
 _DATASET_BATCH_SIZE = 32
@@ -61,7 +62,7 @@ def count_samples(inputs: Any) -> int:
     return int(t.shape[0])
 
 
-def _take(inputs: Any, n: int, batch_size: int) -> Any:
+def take_samples(inputs: Any, n: int, batch_size: int) -> Any:
     """The first n samples: every tensor (or list) whose leading dimension is the batch is sliced."""
 
     def cut(v):
@@ -92,8 +93,8 @@ def calibration_batches(
     yields single samples, so it is batched with a DataLoader first. A batch may be a tensor, an
     ``(x, y)`` / ``[x, y]`` pair (x is the input) or a dict of model keyword arguments (``labels``
     dropped); ``transform_fn(batch)`` replaces that rule. The leading dimension counts samples;
-    whole batches are taken and the last one is sliced, and the iterable is not read further.
-    Fewer samples than asked gives a warning and uses what there is.
+    whole batches are taken and the last one is sliced; then one batch more is read, only to warn
+    when data is left unused. Fewer samples than asked gives a warning and uses what there is.
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_calibration_samples must be a positive integer, got {num_samples!r}")
@@ -108,13 +109,15 @@ def calibration_batches(
 
     batches: List[Any] = []
     seen = 0
+    left = 0  # samples known to be left unused
     for batch in iterator:
         inputs = transform_fn(batch) if transform_fn is not None else _default_input(batch)
         n = count_samples(inputs)
         if n == 0:
             continue
         if seen + n > num_samples:
-            inputs = _take(inputs, num_samples - seen, n)
+            left = seen + n - num_samples
+            inputs = take_samples(inputs, num_samples - seen, n)
             n = num_samples - seen
         batches.append(inputs)
         seen += n
@@ -122,6 +125,20 @@ def calibration_batches(
             break
     if not batches:
         raise ValueError("calibration data is empty: the dataset yielded no samples")
+    if seen >= num_samples and not left:
+        # One batch more tells whether the data held more than is used (it is not kept).
+        for batch in iterator:
+            inputs = transform_fn(batch) if transform_fn is not None else _default_input(batch)
+            left += count_samples(inputs)
+            if left:
+                break
+    if left:
+        warnings.warn(
+            f"using {num_samples} calibration samples; the data holds more (at least {left} left unused): "
+            "raise num_calibration_samples / --calibration-samples to use them",
+            UserWarning,
+            stacklevel=2,
+        )
     if seen < num_samples:
         warnings.warn(
             f"asked for {num_samples} calibration samples but the data has only {seen}; using {seen}",
@@ -131,8 +148,49 @@ def calibration_batches(
     return batches
 
 
+def model_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    """The floating dtype of all of the model's parameters, or None when they mix dtypes (or
+    there is no floating parameter)."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def _cast_floats(batch: Any, dtype: torch.dtype) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(dtype) if batch.is_floating_point() and batch.dtype != dtype else batch
+    if isinstance(batch, Mapping):
+        return {k: _cast_floats(v, dtype) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(_cast_floats(v, dtype) for v in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_cast_floats(v, dtype) for v in batch)
+    return batch
+
+
+def _float_dtypes(batch: Any) -> set:
+    if isinstance(batch, torch.Tensor):
+        return {batch.dtype} if batch.is_floating_point() else set()
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
+    out = set()
+    for v in values:
+        out |= _float_dtypes(v)
+    return out
+
+
 def run_model(model: nn.Module, batch: Any) -> Any:
-    """``model(*batch)`` for a tuple/list, ``model(**batch)`` for a dict, else ``model(batch)``."""
+    """``model(*batch)`` for a tuple/list, ``model(**batch)`` for a dict, else ``model(batch)``.
+
+    Floating inputs of another dtype than the model's weights (float32 data into a float64 model)
+    are cast to the weights' dtype, with a warning that says so: torch would stop inside the
+    model's first layer instead."""
+    dtype = model_dtype(model)
+    if dtype is not None:
+        other = _float_dtypes(batch) - {dtype}
+        if other:
+            names = ", ".join(sorted(str(d).replace("torch.", "") for d in other))
+            warnings.warn(f"calibration inputs are {names}, the model's weights {str(dtype).replace('torch.', '')}: "
+                          "casting the inputs to the weights' dtype", UserWarning, stacklevel=2)
+            batch = _cast_floats(batch, dtype)
     if isinstance(batch, Mapping):
         return model(**batch)
     if isinstance(batch, (tuple, list)):

@@ -11,7 +11,6 @@ linear layer that stores its weight transposed, ``(in, out)``.
 from __future__ import annotations
 
 import importlib.util
-import re
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from typing import Iterable, List, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from ..recipe import selector_matches
+from ..checks import check_selector, selector_matches
 
 __all__ = ["COMPRESSIBLE", "LayerInfo", "find_layers", "is_compressible", "set_weight_groups", "weight_groups"]
 
@@ -119,15 +118,7 @@ def _as_patterns(value, what: str) -> List[str]:
         entries = list(value)
     except TypeError:
         raise ValueError(f"{what} must be a list of module names, class names or 're:' patterns, got {value!r}") from None
-    for entry in entries:
-        if not isinstance(entry, str) or not entry:
-            raise ValueError(f"{what} entries must be non-empty strings, got {entry!r}")
-        if entry.startswith("re:"):
-            try:
-                re.compile(entry[3:])
-            except re.error as exc:
-                raise ValueError(f"{what} entry {entry!r} is not a valid regular expression: {exc}") from None
-    return entries
+    return [check_selector(entry, f"{what}[{i}]") for i, entry in enumerate(entries)]
 
 
 def _matches(entry: str, name: str, module: nn.Module) -> bool:
@@ -196,13 +187,13 @@ def find_layers(
     return OrderedDict((n, _layer_info(n, m)) for n, m in selected)
 
 
-def weight_groups(info: LayerInfo) -> torch.Tensor:
-    """The layer's weight as a float32 copy of shape (groups, rows, cols)."""
+def weight_groups(info: LayerInfo, dtype: Optional[torch.dtype] = torch.float32) -> torch.Tensor:
+    """A copy of the layer's weight of shape (groups, rows, cols), in ``dtype`` (None: its own)."""
     w = info.module.weight.detach()
     if info.kind == "conv1d_hf":
         w = w.t()
     # Conv group g owns output channels [g*rows, (g+1)*rows): contiguous blocks of the flattened weight.
-    return w.reshape(info.groups, info.rows, info.cols).to(torch.float32, copy=True)
+    return w.reshape(info.groups, info.rows, info.cols).to(dtype or w.dtype, copy=True)
 
 
 def set_weight_groups(info: LayerInfo, W: torch.Tensor) -> None:

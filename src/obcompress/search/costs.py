@@ -28,9 +28,6 @@ import math
 import numbers
 import os
 import platform
-import statistics
-import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
@@ -38,9 +35,13 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from ..solvers import parse_mask_structure
-from ..solvers._common import num_pruned
-from .space import LayerGeometry, Variant
+from ..checks import check_bool, check_group_size, check_int
+from ..files import write_json
+from ..formats.onnx_runtime import onnx_layer_latency
+from ..geometry import LayerGeometry, check_geometry, kernel_shape, output_shape
+from ..solvers import num_pruned, parse_mask_structure
+from ..timing import median_seconds
+from .space import Variant
 
 __all__ = [
     "BopsCost",
@@ -56,7 +57,6 @@ __all__ = [
     "model_totals",
 ]
 
-KINDS = ("linear", "conv1d", "conv2d", "conv1d_hf")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,31 +64,11 @@ KINDS = ("linear", "conv1d", "conv2d", "conv1d_hf")
 
 
 def _int_setting(cost: str, key: str, value: Any, lo: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ValueError(f"{cost} cost: {key} must be an integer >= {lo}, got {value!r}")
-    return int(value)
-
-
-def _check_geom(geom: Any) -> LayerGeometry:
-    if not isinstance(geom, LayerGeometry):
-        raise ValueError(f"a cost needs a LayerGeometry, got {type(geom).__name__}")
-    where = f"layer {geom.name!r}"
-    if geom.kind not in KINDS:
-        raise ValueError(f"{where}: unknown layer kind {geom.kind!r} (expected one of {KINDS})")
-    for key in ("groups", "rows", "cols", "taps"):
-        v = getattr(geom, key)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{where}: {key} must be a positive integer, got {v!r}")
-    if geom.cols % geom.taps:
-        raise ValueError(f"{where}: {geom.cols} columns are not a whole number of input channels x {geom.taps} taps")
-    p = geom.positions
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not math.isfinite(p) or p <= 0:
-        raise ValueError(f"{where}: positions must be a finite number > 0, got {p!r}")
-    return geom
+    return check_int(value, f"{cost} cost: {key}", lo)
 
 
 def _check_pair(geom: Any, variant: Any) -> Tuple[LayerGeometry, Variant]:
-    geom = _check_geom(geom)
+    geom = check_geometry(geom)
     if not isinstance(variant, Variant):
         raise ValueError(f"layer {geom.name!r}: a cost needs a Variant, got {type(variant).__name__}")
     if not variant.fits(geom.cols):
@@ -180,12 +160,11 @@ class SizeCost(CostModel):
     unit = "bit"
 
     def __init__(self, symmetric: bool = True, strategy: str = "channel", group_size: Optional[int] = None):
-        if not isinstance(symmetric, bool):
-            raise ValueError(f"size cost: symmetric must be true or false, got {symmetric!r}")
+        check_bool(symmetric, "size cost: symmetric")
         if strategy not in ("channel", "tensor", "group"):
             raise ValueError(f"size cost: strategy must be 'channel', 'tensor' or 'group', got {strategy!r}")
         if strategy == "group":
-            group_size = _int_setting("size", "group_size", group_size)
+            group_size = check_group_size(group_size, "size cost: group_size", "size cost: strategy")
         elif group_size is not None:
             raise ValueError(f"size cost: group_size is only meaningful with strategy 'group', got {group_size!r}")
         self.symmetric, self.strategy, self.group_size = symmetric, strategy, group_size
@@ -300,25 +279,6 @@ def _machine() -> str:
     return f"{cpu_model()} / torch {torch.__version__}"
 
 
-def _kernel_shape(geom: LayerGeometry) -> Tuple[int, ...]:
-    # The geometry keeps the tap count, not the kernel's shape: a square kernel where the count is
-    # a square (3x3, 5x5), else one row of taps. Either is the same MACs and the same im2col size.
-    if geom.kind == "conv1d":
-        return (geom.taps,)
-    k = math.isqrt(geom.taps)
-    return (k, k) if k * k == geom.taps else (1, geom.taps)
-
-
-def _spatial(geom: LayerGeometry) -> Tuple[int, ...]:
-    """Output size per sample with stride 1 and "same" padding: positions tokens for a linear, a
-    length for conv1d, the square side whose area is nearest to positions for conv2d."""
-    p = float(geom.positions)
-    if geom.kind == "conv2d":
-        side = max(1, round(math.sqrt(p)))
-        return (side, side)
-    return (max(1, round(p)),)
-
-
 def _quantized_engine() -> Optional[str]:
     engines = list(torch.backends.quantized.supported_engines)
     current = torch.backends.quantized.engine
@@ -338,12 +298,12 @@ class _Bench:
         self.geom = geom
         gen = torch.Generator().manual_seed(0)
         G, R, C = geom.groups, geom.rows, geom.cols
-        self.spatial = _spatial(geom)
+        self.spatial = output_shape(geom)
         if geom.kind in ("linear", "conv1d_hf"):
             self.x = torch.randn(batch * self.spatial[0], C, generator=gen)
             self.weight = torch.randn(G * R, C, generator=gen)
             return
-        ks = _kernel_shape(geom)
+        ks = kernel_shape(geom)
         cin = G * (C // geom.taps)
         self.kernel = (1,) * (2 - len(ks)) + ks  # conv1d runs as a 1 x k conv2d for unfold
         self.weight = torch.randn(G * R, C // geom.taps, *ks, generator=gen)
@@ -400,7 +360,11 @@ class _Bench:
 
     def int8(self) -> Optional[Callable[[], torch.Tensor]]:
         """torch's dynamic int8 linear (int8 weights per row, activations quantized per call);
-        None where it cannot run: grouped convs (no grouped int8 linear exists) or no engine."""
+        None where it cannot run: grouped convs (no grouped int8 linear exists) or no engine.
+
+        Activations are quantized to 7 bits (``reduce_range``, as torch's own dynamic Linear does on
+        x86): fbgemm's u8s8 kernel sums pairs of products in int16 with saturation on CPUs with AVX2
+        but without VNNI, and would compute another layer there; the timing is the same kernel."""
         geom = self.geom
         if geom.groups != 1:
             return None
@@ -422,11 +386,11 @@ class _Bench:
             torch.backends.quantized.engine = previous
         if geom.kind in ("linear", "conv1d_hf"):
             x = self.x
-            return lambda: torch.ops.quantized.linear_dynamic(x, packed)
+            return lambda: torch.ops.quantized.linear_dynamic(x, packed, reduce_range=True)
 
         def run():
             U = self._unfolded()
-            return torch.ops.quantized.linear_dynamic(U.transpose(1, 2).reshape(-1, U.shape[1]), packed)
+            return torch.ops.quantized.linear_dynamic(U.transpose(1, 2).reshape(-1, U.shape[1]), packed, reduce_range=True)
 
         return run
 
@@ -507,16 +471,7 @@ class LatencyCost(CostModel):
         # Entries another process wrote since we read the file are kept; ours win on a clash.
         entries.update(self._entries)
         body = {"format": _CACHE_FORMAT, "version": _CACHE_VERSION, "machine": _machine(), "entries": entries}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(body, f, indent=1, sort_keys=True)
-            os.replace(tmp, path)  # readers see the old file or the new one, never half of it
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_json(path, body, indent=1, sort_keys=True)
 
     @property
     def cache(self) -> Dict[str, Dict[str, Any]]:
@@ -527,7 +482,7 @@ class LatencyCost(CostModel):
         return self.threads if self.threads is not None else torch.get_num_threads()
 
     def key(self, geom: LayerGeometry, kernel: str, density: float = 1.0) -> str:
-        geom = _check_geom(geom)
+        geom = check_geometry(geom)
         if kernel not in KERNELS:
             raise ValueError(f"unknown latency kernel {kernel!r} (expected one of {KERNELS})")
         return json.dumps([geom.kind, geom.groups, geom.rows, geom.cols, geom.taps, round(float(geom.positions), 4),
@@ -547,19 +502,7 @@ class LatencyCost(CostModel):
 
     def _time(self, fn: Callable[[], Any]) -> float:
         with torch.inference_mode():
-            for _ in range(self.warmup):
-                fn()
-            t0 = time.perf_counter()
-            fn()
-            once = max(time.perf_counter() - t0, 1e-9)
-            number = max(1, min(1000, math.ceil(1e-3 / once)))
-            samples = []
-            for _ in range(self.repeats):
-                t0 = time.perf_counter()
-                for _ in range(number):
-                    fn()
-                samples.append((time.perf_counter() - t0) / number)
-        return statistics.median(samples)
+            return median_seconds(fn, repeats=self.repeats, warmup=self.warmup)
 
     def measure(self, geom: LayerGeometry, kernel: str, density: float = 1.0) -> Optional[float]:
         """Seconds of one forward with ``kernel`` at ``density`` (cached); None where the kernel
@@ -661,7 +604,8 @@ def dense_total(cost: CostModel, geoms: Mapping[str, LayerGeometry]) -> float:
 
 class OnnxLatencyCost(CostModel):
     """Measured seconds of one forward of the layer variant in onnxruntime (``batch`` samples), the
-    layer built as ``formats.onnx_export.export_onnx`` writes it (see ``onnx_layer_latency``).
+    layer built as ``formats.onnx_export.export_onnx`` writes it (see
+    ``formats.onnx_runtime.onnx_layer_latency``).
 
     A quantized variant runs with int8 weights (int4 at <= 4 bits) behind DequantizeLinear, and
     with ``activation_bits`` also with Quantize/DequantizeLinear around the layer, so that
@@ -700,13 +644,11 @@ class OnnxLatencyCost(CostModel):
                            self.activation_bits if variant.bits is not None else None])
 
     def __call__(self, geom: LayerGeometry, variant: Variant) -> float:
-        from ..formats.onnx_export import onnx_layer_latency
-
         key = self.key(geom, variant)
         if key not in self._entries:
             # The dense variant of the same layer: the zeros of a pruned one change no kernel.
             self._entries[key] = onnx_layer_latency(
-                geom, Variant(bits=variant.bits), activation_bits=self.activation_bits, batch=self.batch,
+                geom, variant.bits, activation_bits=self.activation_bits, batch=self.batch,
                 threads=self.threads, repeats=self.repeats, warmup=self.warmup)
             self.measurements += 1
         return float(self._entries[key])

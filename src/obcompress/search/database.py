@@ -34,8 +34,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
-import tempfile
 import time
 import warnings
 from collections import OrderedDict
@@ -49,11 +47,12 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from .._locks import directory_lock
+from .._progress import progress_bar
+from ..files import write_bytes, write_json
 from ..formats.packing import pack_bits, pack_mask, unpack_bits, unpack_mask
 from ..model.calibration import HessianHooks, calibration_batches, count_samples, run_model
 from ..model.layers import LayerInfo, find_layers, set_weight_groups, weight_groups
-from ..solvers import QuantGrid, layer_loss, obq_quantize, parse_mask_structure, support_refit
-from ..solvers._common import prepare_layer
+from ..solvers import QuantGrid, layer_loss, obq_quantize, parse_mask_structure, prepare_layer, support_refit
 from ..solvers.obs import ObsDatabase, exact_obs_database
 from .space import LayerGeometry, SearchSpace, Variant, configuration_recipe, default_space
 
@@ -276,27 +275,10 @@ def _split_safetensors(raw: bytes):
 
 def _write_layer(path: Path, tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> None:
     """Write a layer file atomically, its metadata carrying the SHA-256 of its whole content."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     # The tensor table and data do not depend on the metadata: lay the file out once to hash it.
     header, data = _split_safetensors(save(tensors, metadata={"obcompress": json.dumps(meta)}))
     meta = dict(meta, sha256=_layer_digest(header, [data], meta))
-    raw = save(tensors, metadata={"obcompress": json.dumps(meta)})
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    write_bytes(path, save(tensors, metadata={"obcompress": json.dumps(meta)}))
 
 
 class CorruptLayerFile(ValueError):
@@ -392,7 +374,7 @@ class Database:
             doc[name] = {"key": e.key, "scores": merged}
             for k, v in sc.items():
                 e.variants[k][kind] = float(v)
-        _write_json(path, doc)
+        write_json(path, doc, indent=1, sort_keys=True)
 
     # ---- facts -------------------------------------------------------------------------
 
@@ -595,8 +577,6 @@ def build_database(
 
 def _build_locked(model, directory, manifest, found, hashes, batches, n_samples, space, overwrite, progress,
                   stop_after) -> "Database":
-    from tqdm.auto import tqdm
-
     _check_dir_for(directory, manifest, overwrite)
     (directory / LAYER_DIR).mkdir(exist_ok=True)
 
@@ -623,7 +603,7 @@ def _build_locked(model, directory, manifest, found, hashes, batches, n_samples,
     if (directory / MANIFEST).exists():
         old_manifest = json.loads((directory / MANIFEST).read_text())
     manifest["hessian_seconds"] = float(old_manifest.get("hessian_seconds", 0.0))
-    _write_json(directory / MANIFEST, manifest)
+    write_json(directory / MANIFEST, manifest, indent=1, sort_keys=True)
 
     if todo:
         t0 = time.perf_counter()
@@ -640,8 +620,8 @@ def _build_locked(model, directory, manifest, found, hashes, batches, n_samples,
             for m, training in modes:
                 m.training = training
         manifest["hessian_seconds"] += time.perf_counter() - t0
-        _write_json(directory / MANIFEST, manifest)
-        bar = tqdm(todo, desc="database", unit="layer", disable=not progress, file=sys.stderr)
+        write_json(directory / MANIFEST, manifest, indent=1, sort_keys=True)
+        bar = progress_bar(todo, desc="database", unit="layer", progress=progress)
         for name in bar:
             info = found[name]
             if counts[name] == 0:
@@ -653,13 +633,6 @@ def _build_locked(model, directory, manifest, found, hashes, batches, n_samples,
             bar.set_postfix_str(f"{name}: {len(meta['variants'])} variants, {meta['seconds']:.1f} s")
         bar.close()
     return _assemble(directory, manifest, found, done, paths)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def _assemble(directory, manifest, found_names, done, paths) -> Database:
@@ -701,6 +674,8 @@ def load_database(directory: Union[str, os.PathLike], model: Optional[nn.Module]
                                  f"{m['shape']} there, {[info.groups, info.rows, info.cols]} here")
             if weight_hash(info) != m["weight_hash"]:
                 raise ValueError(f"the database at {directory} was built for other weights: layer {name} differs")
+        # The model's order, as the build had it (the manifest's JSON keeps its names sorted).
+        names = [n for n in found if n in manifest["model"]]
     paths = {name: directory / LAYER_DIR / f"{_safe_name(name)}.safetensors" for name in names}
     done = {}
     for name in names:

@@ -19,6 +19,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..checks import check_int
+
 __all__ = ["Selection", "solve_dp", "solve_exact", "sweep"]
 
 
@@ -148,11 +150,7 @@ def solve_dp(scores, costs, budget, *, buckets: int = 10000, fixed_cost: float =
     layers may differ in option count. Bad input or an infeasible budget raises ValueError (the
     message names the layer, or says the least achievable cost).
     """
-    if isinstance(buckets, bool) or not isinstance(buckets, (int, np.integer)):
-        raise ValueError(f"buckets must be an integer >= 1, got {buckets!r}")
-    if buckets < 1:
-        raise ValueError(f"buckets must be an integer >= 1, got {buckets}")
-    buckets = int(buckets)
+    buckets = check_int(buckets, "buckets")
     (S, C), budget, fixed_cost = _check(scores, costs, budget, fixed_cost)
     L = len(S)
 

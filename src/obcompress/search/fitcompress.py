@@ -15,9 +15,8 @@ the exact OBC solvers, post-training.
 
 from __future__ import annotations
 
-import json
+import itertools
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -26,24 +25,39 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..model.calibration import calibration_batches, run_model
+from ..files import write_json
+from ..model.calibration import calibration_batches, run_model, take_samples
 from .fit import Fisher, FitPath, _check_fisher, apply_rtn_fit, empirical_fisher, finetune, plan_path
 from .nonuniform import Goal, parse_goal
 
 __all__ = ["labelled_batches", "run_fitcompress", "path_plot"]
 
 
+def _is_labelled(batch: Any) -> bool:
+    return (isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], torch.Tensor)
+            and not batch[1].is_floating_point() and batch[1].dim() >= 1)
+
+
 def labelled_batches(model: nn.Module, data: Iterable, num_samples: int, transform_fn=None) -> List[Tuple[Any, Any]]:
     """(x, y) batches: the data's own labels when its batches are (x, y) pairs with integer labels
     (one per sample, or more, e.g. the next token of every position of a text window), else the
-    dense model's top-1 prediction for each input."""
-    raw = list(data)
-    if raw and isinstance(raw[0], (tuple, list)) and len(raw[0]) == 2 and isinstance(raw[0][1], torch.Tensor) \
-            and not raw[0][1].is_floating_point() and raw[0][1].dim() >= 1:
+    dense model's top-1 prediction for each input. The data is read only as far as
+    ``num_samples`` needs (a map-style Dataset is batched first, as for calibration)."""
+    if isinstance(data, torch.utils.data.Dataset):
+        data = torch.utils.data.DataLoader(data, batch_size=min(num_samples, 32))
+    iterator = iter(data)
+    first = next(iterator, None)
+    if first is None:
+        raise ValueError("calibration data is empty: the dataset yielded no samples")
+    raw = itertools.chain([first], iterator)
+    if _is_labelled(first):
         out, n = [], 0
         for x, y in raw:
+            take = min(len(y), num_samples - n)
+            if take < len(y):
+                x, y = take_samples(x, take, len(y)), y[:take]
             out.append((x, y))
-            n += len(y)
+            n += take
             if n >= num_samples:
                 break
         return out
@@ -167,9 +181,6 @@ def write_path_report(path: FitPath, directory: Union[str, os.PathLike], extra: 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     doc = {**path.to_dict(), **(extra or {})}
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=d)
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, d / "fit_path.json")
+    write_json(d / "fit_path.json", doc, indent=1)
     path_plot(path, d / "fit_path.png")
     return d

@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._progress import progress_bar
 from ..model.calibration import calibration_batches, run_model
 from ..model.layers import find_layers, set_weight_groups, weight_groups
 from .costs import CostModel, make_cost
@@ -308,8 +309,6 @@ def layer_loss_scores(db: Database, model: nn.Module, data: Iterable, *, num_sam
     over ``num_samples`` per pair. ``save``: stored in the database as the ``calibration_loss``
     score after each layer (``select_dp(..., score="calibration_loss")``); a layer already scored
     for these variants is not scored again, so an interrupted run resumes."""
-    from tqdm.auto import tqdm
-
     batches = calibration_batches(data, num_samples, transform_fn)
     loss = CalibrationLoss(model, batches, kind)
     st = _Stitcher(db, model, cache_bytes=0)
@@ -324,7 +323,7 @@ def layer_loss_scores(db: Database, model: nn.Module, data: Iterable, *, num_sam
         else:
             todo += [(n, Variant.from_key(k)) for k in keys if k != "dense"]
     try:
-        bar = tqdm(todo, desc="loss scores", unit="variant", disable=not progress, file=sys.stderr)
+        bar = progress_bar(todo, desc="loss scores", unit="variant", progress=progress)
         for i, (name, v) in enumerate(bar):
             st.set({name: v})
             # A divergence from the dense outputs is >= 0; rounding can leave a tiny negative.
@@ -353,8 +352,6 @@ def spdy(db: Database, model: nn.Module, data: Iterable, goal: Goal, *, num_samp
     stitched model's calibration loss is lower. ``correction(model)`` is run on the stitched model
     before each evaluation (e.g. BatchNorm re-estimation) and undone after. The model is left dense.
     """
-    from tqdm.auto import tqdm
-
     if restarts < 0 or steps < 0:
         raise ValueError("restarts and steps must be >= 0")
     names, options, scores, costs, dense = _tables(db, goal.cost, "error")
@@ -407,7 +404,7 @@ def spdy(db: Database, model: nn.Module, data: Iterable, goal: Goal, *, num_samp
                     c[i] = rng.random()
                 yield "step", c
 
-        bar = tqdm(total=restarts + steps, desc="spdy", unit="eval", disable=not progress, file=sys.stderr)
+        bar = progress_bar(total=restarts + steps, desc="spdy", unit="eval", progress=progress)
         for kind_, c in candidates():
             idx = solve(c)
             val = evaluate(idx)

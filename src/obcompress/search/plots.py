@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
+import textwrap
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
+
+from ..files import atomic_path
 
 __all__ = ["pareto_plot", "layer_chart"]
 
@@ -35,17 +37,12 @@ def _save(fig: Any, canvas_cls: Any, path: PathLike, dpi: int) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"the plot path must end in .png, got {str(path)!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     canvas_cls(fig)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    # Laid out here, for every figure: wide tick labels (a linear axis of small numbers) would
+    # otherwise push an axis label off the edge in a caller that never asked for a layout.
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
     return path
 
 
@@ -59,17 +56,7 @@ def _finite(value: Any, what: str) -> float:
     return out
 
 
-def pareto_plot(series: Mapping[str, Sequence[Tuple[float, float]]], path: PathLike, *,
-                xlabel: str, ylabel: str, title: Optional[str] = None,
-                dense: Optional[float] = None, dpi: int = 120) -> Path:
-    """Plot accuracy against budget, one line with markers per method; write a PNG; return its path.
-
-    ``series`` maps a method name ("uniform", "DP", "SPDY", ...) to its (x, y) points, x the budget
-    (e.g. "BOPs reduction (x)") and y the accuracy; points are drawn in order of x. ``dense`` adds a
-    dashed horizontal line at the uncompressed accuracy.
-    """
-    if not isinstance(series, Mapping) or len(series) == 0:
-        raise ValueError("series must be a non-empty mapping of method name -> (x, y) points")
+def _points(series: Mapping[str, Sequence[Tuple[float, float]]]):
     curves = []
     for name, points in series.items():
         try:
@@ -90,6 +77,28 @@ def pareto_plot(series: Mapping[str, Sequence[Tuple[float, float]]], path: PathL
                        _finite(p[1], f"series {name!r} point {i} y")))
         xy.sort(key=lambda t: t[0])
         curves.append((str(name), xy))
+    return curves
+
+
+def pareto_plot(series: Mapping[str, Sequence[Tuple[float, float]]], path: PathLike, *,
+                xlabel: str, ylabel: str, title: Optional[str] = None,
+                dense: Optional[float] = None, dpi: int = 120,
+                others: Optional[Mapping[str, Sequence[Tuple[float, float]]]] = None,
+                others_label: str = "other runs",
+                top_axis: Optional[Tuple[str, Callable[[float], float]]] = None) -> Path:
+    """Plot accuracy against budget, one line with markers per method; write a PNG; return its path.
+
+    ``series`` maps a method name ("uniform", "DP", "SPDY", ...) to its (x, y) points, x the budget
+    (e.g. "BOPs reduction (x)") and y the accuracy; points are drawn in order of x. ``dense`` adds a
+    dashed horizontal line at the uncompressed accuracy. ``others``: more points per method, drawn
+    as hollow markers in the method's colour and not joined (e.g. configurations aimed at another
+    budget), with one legend entry ``others_label``. ``top_axis``: (label, f) adds a top axis whose
+    tick at x reads f(x) (e.g. the whole model's reduction at a searched-layer reduction).
+    """
+    if not isinstance(series, Mapping) or len(series) == 0:
+        raise ValueError("series must be a non-empty mapping of method name -> (x, y) points")
+    curves = _points(series)
+    extra = dict(_points(others)) if others else {}
     if dense is not None:
         dense = _finite(dense, "dense")
 
@@ -97,11 +106,28 @@ def pareto_plot(series: Mapping[str, Sequence[Tuple[float, float]]], path: PathL
     fig = Figure(figsize=(6.4, 4.4))
     ax = fig.add_subplot(1, 1, 1)
     markers = "osD^vP*X"
-    for k, (name, xy) in enumerate(curves):
-        ax.plot([x for x, _ in xy], [y for _, y in xy], marker=markers[k % len(markers)],
-                label=name, linewidth=1.6, markersize=5)
+    names = [n for n, _ in curves] + [n for n in extra if n not in dict(curves)]
+    for k, name in enumerate(names):
+        color = f"C{k % 10}"
+        xy = dict(curves).get(name)
+        if xy:
+            ax.plot([x for x, _ in xy], [y for _, y in xy], marker=markers[k % len(markers)], color=color,
+                    label=name, linewidth=1.6, markersize=5)
+        if name in extra:
+            ax.plot([x for x, _ in extra[name]], [y for _, y in extra[name]], linestyle="none", color=color,
+                    marker=markers[k % len(markers)], markersize=6, markerfacecolor="none", gid="others",
+                    label=None if xy else name)
+    if extra:
+        ax.plot([], [], linestyle="none", marker="o", markerfacecolor="none", color="0.35", label=others_label)
     if dense is not None:
         ax.axhline(dense, color="0.35", linestyle="--", linewidth=1.0, label="dense")
+    if top_axis is not None:
+        from matplotlib.ticker import FuncFormatter
+
+        label, f = top_axis
+        top = ax.secondary_xaxis("top")
+        top.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{f(x):.3g}" if x > 0 else ""))
+        top.set_xlabel(label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
@@ -178,6 +204,8 @@ def layer_chart(names: Sequence[str], sparsity: Sequence[float], bits: Sequence[
     ax_b.set_xticklabels([str(x) for x in names], rotation=90, fontsize=fontsize)
     ax_b.set_xlim(-0.6, n - 0.4)
     if title:
-        ax_s.set_title(title)
+        # Wrapped to the figure's width (about 10 characters of title per inch): a long title
+        # would run off both edges, whatever the layout does.
+        ax_s.set_title(textwrap.fill(str(title), width=max(40, int(10 * width))))
     fig.tight_layout()
     return _save(fig, Canvas, path, dpi)

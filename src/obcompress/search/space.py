@@ -7,17 +7,18 @@ paper's: unstructured levels on the grid density = 0.9^k up to 99 % sparsity, bl
 with every bit width). A layer takes only the variants its shape admits (N:M and blocks need
 columns divisible by M or c).
 
-``LayerGeometry`` is what the cost models need to know of a layer, and nothing else: its weight
-shape as solver problems and how many output positions one sample gives (tokens, pixels).
+``LayerGeometry`` (from ``obcompress.geometry``) is what the cost models need to know of a layer,
+and nothing else: its weight shape as solver problems and how many output positions one sample
+gives (tokens, pixels).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from ..solvers import parse_mask_structure
+from ..checks import check_bits, check_bool, check_damp, check_int, check_sparsity, parse_mask_structure
+from ..geometry import LayerGeometry  # noqa: F401  (part of the search's vocabulary)
 
 __all__ = ["Variant", "SearchSpace", "LayerGeometry", "paper_levels", "default_space", "configuration_recipe"]
 
@@ -61,15 +62,12 @@ class Variant:
         if ms.kind == "nm":
             object.__setattr__(self, "sparsity", round(ms.fixed_sparsity, 4))
         else:
-            s = float(self.sparsity)
-            if not 0.0 <= s < 1.0 or math.isnan(s):
-                raise ValueError(f"variant sparsity must be in [0, 1), got {self.sparsity!r}")
+            s = check_sparsity(self.sparsity, "variant sparsity")
             object.__setattr__(self, "sparsity", round(s, 4))
             if ms.kind == "block" and s == 0.0:
                 object.__setattr__(self, "structure", "unstructured")
         if self.bits is not None:
-            if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
-                raise ValueError(f"variant bits must be an integer in 2..8 or None, got {self.bits!r}")
+            check_bits(self.bits, "variant bits")
 
     @property
     def density(self) -> float:
@@ -186,6 +184,9 @@ class SearchSpace:
         if Variant() not in vs:
             vs = (Variant(),) + vs  # the dense layer is always a choice: the DP's fallback
         object.__setattr__(self, "variants", vs)
+        check_bool(self.symmetric, "search space symmetric")
+        check_damp(self.damp, "search space damp")
+        check_int(self.joint_min_cols, "search space joint_min_cols", 0)
 
     def for_layer(self, cols: int) -> List[Variant]:
         return [v for v in self.variants if v.fits(cols)
@@ -248,42 +249,6 @@ def default_space(
                 raise ValueError(f"joint level k={k} is not on the grid 1..{len(levels)}")
             out += [Variant("unstructured", levels[k - 1], b) for b in bits]
     return SearchSpace(tuple(out))
-
-
-@dataclass(frozen=True)
-class LayerGeometry:
-    """A layer as the cost models see it.
-
-    ``groups`` x (``rows`` x ``cols``) weights (conv: cols = in_channels/groups x taps);
-    ``positions``: output positions per sample, averaged over the calibration data (1 for a
-    Linear on vectors, the tokens of a sequence, out_h x out_w of a conv2d).
-    """
-
-    name: str
-    kind: str
-    groups: int
-    rows: int
-    cols: int
-    taps: int = 1
-    positions: float = 1.0
-    has_bias: bool = False
-
-    @property
-    def weights(self) -> int:
-        return self.groups * self.rows * self.cols
-
-    @property
-    def macs(self) -> float:
-        """Dense multiply-accumulates per sample."""
-        return self.weights * self.positions
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "groups": self.groups, "rows": self.rows,
-                "cols": self.cols, "taps": self.taps, "positions": self.positions, "has_bias": self.has_bias}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "LayerGeometry":
-        return cls(**{k: d[k] for k in ("name", "kind", "groups", "rows", "cols", "taps", "positions", "has_bias")})
 
 
 def configuration_recipe(choice: Mapping[str, Any], *, activation_bits: Optional[int] = None,

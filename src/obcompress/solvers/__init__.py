@@ -1,11 +1,14 @@
-"""Pure layer solvers on (W, H): no nn.Module, no I/O, any device.
+"""Pure layer solvers on (W, H): no nn.Module, any device, and no I/O but one: where no installed
+fused kernel fits the machine, the exact solvers build it at first use into the cache (_native).
+``registry`` names the solvers a recipe can use and what each can do.
 
 W is a layer's weight as rows x cols (a conv weight flattened with ``flatten(1)``), H = 2 X X^T / n
 the Hessian of the layer-wise objective ||W X - W_hat X||^2 / n over its inputs X (cols x n).
 Every solver returns a SolverResult whose ``loss`` is ``layer_loss(W, result.weight, H)``.
 """
 
-from ._common import SolverResult, layer_loss, parse_mask_structure, prepare_layer
+from ._common import MaskStructure, SolverResult, layer_loss, num_pruned, parse_mask_structure, prepare_layer
+from ._native import status as kernel_status
 from .baselines import magnitude_prune, rtn_quantize
 from .gptq import gptq_quantize, sparsegpt_prune
 from .grid import QuantGrid
@@ -15,6 +18,7 @@ from .obs import ObsDatabase, exact_obs_database, exact_obs_prune
 
 __all__ = [
     "HessianAccumulator",
+    "MaskStructure",
     "ObsDatabase",
     "QuantGrid",
     "SolverResult",
@@ -23,8 +27,10 @@ __all__ = [
     "exact_obs_prune",
     "gptq_quantize",
     "hessian",
+    "kernel_status",
     "layer_loss",
     "magnitude_prune",
+    "num_pruned",
     "obq_quantize",
     "support_refit",
     "parse_mask_structure",

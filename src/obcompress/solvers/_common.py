@@ -7,11 +7,12 @@ with a message that names the problem, so that callers higher up can prefix the 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
+
+from ..checks import MaskStructure, check_bits, check_damp, check_sparsity, parse_mask_structure  # noqa: F401
 
 # Relative dampening levels tried, in order, when a solver is called with damp="auto".
 # Zero comes first because it is the OBC reference's setting; the rest rescue rank-deficient H.
@@ -33,7 +34,9 @@ class SolverResult:
 
     ``weight`` has the shape and dtype of the input W; ``mask`` is True where a weight is kept
     (None when nothing was pruned); ``loss`` is ``layer_loss(W, weight, H)`` with the H given
-    (undamped); ``grid`` is the quantization grid used (None for pure pruning).
+    (undamped); ``grid`` is the quantization grid used (None for pure pruning). ``info`` holds
+    what the solver reports of how it ran; ``info["engine"]`` is always there: "native" when the
+    exact solvers' greedy loop ran on the fused C kernel, else "torch".
     """
 
     weight: torch.Tensor
@@ -44,6 +47,9 @@ class SolverResult:
     damp: float = 0.0
     seconds: float = 0.0
     info: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.info.setdefault("engine", "torch")
 
     @property
     def sparsity(self) -> float:
@@ -142,80 +148,9 @@ def check_hessian(H: torch.Tensor, cols: int) -> None:
         raise ValueError("H has negative diagonal entries: it is not a Hessian of the form 2XX^T/n")
 
 
-def check_sparsity(sparsity: float, allow_none: bool = False) -> None:
-    if sparsity is None and allow_none:
-        return
-    if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or math.isnan(sparsity):
-        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-
-
-def check_bits(bits: int) -> None:
-    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
-        raise ValueError(f"bits must be an integer in 2..8, got {bits!r}")
-
-
 def num_pruned(sparsity: float, total: int) -> int:
     """How many weights a sparsity level removes out of ``total`` (round half up, as one count rule for all)."""
     return int(math.floor(sparsity * total + 0.5))
-
-
-@dataclass(frozen=True)
-class MaskStructure:
-    """A parsed ``mask_structure``: "unstructured", "N:M" or "block:c".
-
-    "N:M" has the meaning of the hardware and of compressed-tensors: every group of M consecutive
-    columns keeps N weights (so "2:4" is 50% sparse and "1:4" is 75%). "block:c" prunes whole runs
-    of c consecutive columns of a row.
-    """
-
-    kind: str  # "unstructured" | "nm" | "block"
-    n: int = 0
-    m: int = 0
-    block: int = 1
-
-    @property
-    def pruned_per_group(self) -> int:
-        return self.m - self.n
-
-    @property
-    def fixed_sparsity(self) -> Optional[float]:
-        return (self.m - self.n) / self.m if self.kind == "nm" else None
-
-    def __str__(self) -> str:
-        if self.kind == "nm":
-            return f"{self.n}:{self.m}"
-        if self.kind == "block":
-            return f"block:{self.block}"
-        return "unstructured"
-
-
-def parse_mask_structure(mask_structure: str, cols: Optional[int] = None) -> MaskStructure:
-    if not isinstance(mask_structure, str):
-        raise ValueError(f"mask_structure must be a string, got {mask_structure!r}")
-    s = mask_structure.strip().lower()
-    if s == "unstructured":
-        ms = MaskStructure("unstructured")
-    elif re.fullmatch(r"\d+:\d+", s):
-        n, m = (int(t) for t in s.split(":"))
-        if not 0 < n < m:
-            raise ValueError(f"mask_structure {mask_structure!r}: need 0 < N < M for N:M")
-        ms = MaskStructure("nm", n=n, m=m)
-    elif re.fullmatch(r"block:\d+", s):
-        c = int(s.split(":")[1])
-        if c < 1:
-            raise ValueError(f"mask_structure {mask_structure!r}: block size must be >= 1")
-        ms = MaskStructure("block", block=c) if c > 1 else MaskStructure("unstructured")
-    else:
-        raise ValueError(
-            f"unknown mask_structure {mask_structure!r}: use 'unstructured', 'N:M' (e.g. '2:4') or 'block:c'"
-        )
-    if cols is not None:
-        size = ms.m if ms.kind == "nm" else ms.block
-        if cols % size:
-            raise ValueError(f"mask_structure {mask_structure}: {cols} columns are not divisible by {size}")
-    return ms
 
 
 def columns_last_perm(cols: int, columns_last: Optional[int], device=None) -> Optional[torch.Tensor]:
@@ -267,11 +202,10 @@ class PreparedLayer:
 
 
 def _resolve_levels(damp) -> tuple:
-    if damp is None or (isinstance(damp, str) and damp == "auto"):
+    damp = "auto" if damp is None else check_damp(damp)
+    if damp == "auto":
         return AUTO_DAMP_LEVELS, True
-    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not math.isfinite(damp) or damp < 0:
-        raise ValueError(f"damp must be a non-negative number or 'auto', got {damp!r}")
-    return (float(damp),), False
+    return (damp,), False
 
 
 def prepare_layer(W: torch.Tensor, H: torch.Tensor, damp="auto", inverse: bool = True) -> PreparedLayer:

@@ -69,6 +69,8 @@ class Trajectory:
     # Weights of the coordinates still alive when the run stopped (zero elsewhere): the re-fitted
     # row for a run that stops early (N:M), in the loop's precision.
     final: Optional[torch.Tensor] = None  # (rows, cols)
+    # The step engine the loop ran on: "native" (the fused C kernel) or "torch".
+    engine: str = "torch"
 
 
 def _with_identity_slots(M: torch.Tensor, extra: int) -> torch.Tensor:
@@ -334,8 +336,7 @@ def _for_chunks(chunks, run, buffer_elems, dtype, device, parallel):
 
     With the fused kernel, chunks are independent and both the kernel calls and torch's GEMMs
     release the GIL: on a machine with several cores the chunks then run on as many Python threads
-    as torch would use, each single-threaded with its own buffers (a chunk's GEMMs are too small
-    to share well), and torch's thread count is restored afterwards.
+    as torch would use, each with its own buffers.
     """
     workers = min(torch.get_num_threads(), len(chunks)) if parallel else 1
 
@@ -359,13 +360,11 @@ def _for_chunks(chunks, run, buffer_elems, dtype, device, parallel):
         finally:
             pool.put(buffers)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(workers) as ex:
-            list(ex.map(task, chunks))
-    finally:
-        torch.set_num_threads(threads)
+    # torch's thread count is process-wide: setting it to 1 for the chunks' small GEMMs would also
+    # slow down whatever else the process runs meanwhile (and concurrent solves would restore each
+    # other's settings), so it is left as the caller set it.
+    with ThreadPoolExecutor(workers) as ex:
+        list(ex.map(task, chunks))
 
 
 def greedy_single(W64, H64, Hinv64, policy, *, keep=None, dtype=torch.float32, extras=None,
@@ -453,7 +452,8 @@ def greedy_single(W64, H64, Hinv64, policy, *, keep=None, dtype=torch.float32, e
             final[rows] = torch.zeros(n, d, dtype=torch.float64, device=W64.device).scatter_add_(1, ch.idx, alive_w)
 
     _for_chunks(chunks, run, per * d * d, dtype, W64.device, parallel=lib is not None)
-    return Trajectory(order=order, losses=losses, values=values, final=final)
+    return Trajectory(order=order, losses=losses, values=values, final=final,
+                      engine="native" if lib is not None else "torch")
 
 
 def _ptr(t: Optional[torch.Tensor]) -> int:
@@ -638,7 +638,7 @@ def block_trajectory(W64, Hinv64, block: int, dtype=torch.float32) -> Trajectory
                 dblk = _diag_blocks(ch.A, c)
 
     _for_chunks(chunks, run, per * d * d, dtype, W64.device, parallel=lib is not None)
-    return Trajectory(order=order, losses=losses)
+    return Trajectory(order=order, losses=losses, engine="native" if lib is not None else "torch")
 
 
 def _native_block_steps(lib, ch, c, nb, dblk):

@@ -3,7 +3,8 @@
  * The torch version of a step is ~40 small tensor operations, each a pass over (rows x m) with its
  * own dispatch; this does the whole step for one row in two passes over that row's vectors while
  * they sit in L1/L2. The rank-B flush of the stored matrices (a GEMM) and the compaction stay in
- * torch. Compiled on first use by obcompress.solvers._native; the torch path is the reference.
+ * torch. Built at install time or first use (obcompress.solvers._kernel_build); the torch path is
+ * the reference.
  *
  * Per row r (all arrays row-major, m = compact coordinates, S = pending-vector slots):
  *   A    [R][m][m]  stored H^-1 (lagging by the k pending vectors in U; symmetric); row r starts at
@@ -230,3 +231,10 @@ void NAME(int64_t R, int64_t m, int64_t S, int64_t k, int64_t c, const REAL *A, 
 
 DEFINE_BLOCK(block_step_f32, float, sqrtf)
 DEFINE_BLOCK(block_step_f64, double, sqrt)
+
+/* How this library was built ("source=<digest>;cpu=<digest or any>", set by _kernel_build.py), so
+ * that a library built for another CPU or from another source is not used. */
+#ifndef OBC_BUILD_INFO
+#define OBC_BUILD_INFO ""
+#endif
+const char *obc_build_info(void) { return OBC_BUILD_INFO; }

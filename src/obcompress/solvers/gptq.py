@@ -20,6 +20,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from ..checks import check_group_size, check_int
 from ._common import (
     SolverResult,
     check_hessian,
@@ -39,11 +40,6 @@ __all__ = ["gptq_quantize", "sparsegpt_prune"]
 
 # ----------------------------------------------------------------------------------------------
 # shared pieces
-
-
-def _check_block_size(block_size) -> None:
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
 
 
 def _check_dtype(dtype) -> None:
@@ -179,12 +175,12 @@ def gptq_quantize(
     t0 = time.perf_counter()
     if not isinstance(grid, QuantGrid):
         check_grid(grid, W)
-    _check_block_size(block_size)
+    check_int(block_size, "block_size")
     _check_dtype(dtype)
     if group_size is None and grid.strategy == "group" and grid.g_idx is None:
         group_size = grid.group_size
-    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
-        raise ValueError(f"group_size must be a positive integer or None, got {group_size!r}")
+    if group_size is not None:
+        check_group_size(group_size)
     _check_shapes(W, H)
     if group_size is None:
         check_grid(grid, W)
@@ -297,7 +293,7 @@ def sparsegpt_prune(
     ``columns_last`` = K reorders conv columns (C, K) -> (K, C) so N:M groups run over channels.
     """
     t0 = time.perf_counter()
-    _check_block_size(block_size)
+    check_int(block_size, "block_size")
     _check_dtype(dtype)
     _check_shapes(W, H)
     cols_in = W.shape[1]

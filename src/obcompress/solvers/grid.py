@@ -15,7 +15,8 @@ from typing import Optional
 
 import torch
 
-from ._common import check_bits, check_weight
+from ..checks import check_bits, check_group_size
+from ._common import check_weight
 
 STRATEGIES = ("tensor", "channel", "group")
 
@@ -110,8 +111,7 @@ class QuantGrid:
         if strategy == "channel":
             s, z = minmax_params(Wf, bits, symmetric, mse)
             return cls(bits, s[:, None], z[:, None], symmetric, strategy, None, mse)
-        if group_size is None or not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"strategy 'group' needs a positive integer group_size, got {group_size!r}")
+        group_size = check_group_size(group_size)
         ng = math.ceil(cols / group_size)
         scale = torch.empty(rows, ng, dtype=torch.float32, device=W.device)
         zero = torch.empty_like(scale)

@@ -8,11 +8,12 @@ into columns in the order of ``weight.flatten(1)``, one Hessian per group, so th
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+
+from ..checks import check_damp, check_int
 
 IntOrTuple = Union[int, Sequence[int]]
 
@@ -62,8 +63,7 @@ def dampen(H: torch.Tensor, rel: float) -> torch.Tensor:
         raise ValueError(f"H must be a torch.Tensor, got {type(H).__name__}")
     if H.dim() < 2 or H.shape[-1] != H.shape[-2]:
         raise ValueError(f"H must be square (cols x cols, optionally batched), got shape {tuple(H.shape)}")
-    if isinstance(rel, bool) or not isinstance(rel, (int, float)) or not math.isfinite(rel) or rel < 0:
-        raise ValueError(f"relative dampening must be a non-negative finite number, got {rel!r}")
+    rel = check_damp(rel, "relative dampening", auto=False)
     out = H.clone()
     diag = torch.diagonal(out, dim1=-2, dim2=-1)
     diag += rel * diag.mean(dim=-1, keepdim=True)
@@ -107,8 +107,7 @@ def _conv_geometry(x, kernel_size, stride, padding, dilation, groups, padding_mo
     k = _as_tuple(kernel_size, nd, "kernel_size", 1)
     s = _as_tuple(stride, nd, "stride", 1)
     d = _as_tuple(dilation, nd, "dilation", 1)
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups must be a positive integer, got {groups!r}")
+    check_int(groups, "groups")
     C = x.shape[1]
     if C % groups:
         raise ValueError(f"{C} input channels are not divisible by groups={groups}")
@@ -189,10 +188,8 @@ class HessianAccumulator:
     """
 
     def __init__(self, cols: int, groups: int = 1, device=None):
-        if isinstance(cols, bool) or not isinstance(cols, int) or cols < 1:
-            raise ValueError(f"cols must be a positive integer, got {cols!r}")
-        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-            raise ValueError(f"groups must be a positive integer, got {groups!r}")
+        check_int(cols, "cols")
+        check_int(groups, "groups")
         self.cols = cols
         self.groups = groups
         self.device = None if device is None else torch.device(device)

@@ -83,8 +83,10 @@ def obq_quantize(
         traj = greedy_single(w0, prep.H, prep.Hinv, QuantPolicy(grid.maxq), keep=k, dtype=precision,
                              extras={"scale": s.to(precision), "zero": z.to(precision)}, record_values=True)
         predicted = torch.where(traj.order >= 0, traj.losses, torch.zeros((), dtype=torch.float64)).sum(1)
+        engines.add(traj.engine)
         return traj.values, predicted
 
+    engines = set()
     Q, predicted = solve(None, loop)
     Q = _snap(Q, grid, keep)
     float64_rows = 0
@@ -112,7 +114,7 @@ def obq_quantize(
         seconds=time.perf_counter() - t0,
         info={"predicted_loss": prune_loss + float(predicted.sum()), "joint": keep is not None,
               "loop_dtype": str(loop).replace("torch.", ""), "float64_rows": float64_rows,
-              "rtn_rows": int(worse.sum())},
+              "rtn_rows": int(worse.sum()), "engine": "+".join(sorted(engines))},
     )
 
 

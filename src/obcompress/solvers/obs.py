@@ -18,6 +18,7 @@ from ._common import (
     FLOAT32_MAX_GROWTH_ORDER,
     MaskStructure,
     SolverResult,
+    check_damp,
     check_sparsity,
     columns_last_perm,
     drifted_rows,
@@ -123,9 +124,8 @@ class ObsDatabase:
         if order.dim() != 2 or order.shape != losses.shape or order.shape[0] != W.shape[0]:
             raise ValueError(f"a stored database of shape order {tuple(order.shape)}, losses "
                              f"{tuple(losses.shape)} does not fit a weight of shape {tuple(W.shape)}")
-        if not isinstance(damp, (int, float)) or damp < 0:
-            raise ValueError(f"damp must be the non-negative level the database was built with, got {damp!r}")
-        prep = prepare_layer(W, H, float(damp))
+        damp = check_damp(damp, "damp (the level the database was built with)", auto=False)
+        prep = prepare_layer(W, H, damp)
         perm = columns_last_perm(cols, columns_last, device=W.device)
         Wp, Hp, Hinvp = prep.W, prep.H, prep.Hinv
         if perm is not None:
@@ -216,6 +216,7 @@ def exact_obs_database(
             db._final[redo] = refit_on_support(Wp[redo], Hp, Hinvp, keep)
         db.info["refit_rows"] = int(redo.numel())
     db.info["loop_dtype"] = str(dtype).replace("torch.", "")
+    db.info["engine"] = traj.engine
     db.seconds = time.perf_counter() - t0
     return db
 

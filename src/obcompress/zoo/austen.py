@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from obcompress._cache import cache_dir
-
-from ._fetch import ZooUnavailable, atomic_write, debian_package, read_members
+from ..files import cache_dir, write_text
+from ._fetch import ZooUnavailable, debian_package, read_members
 
 __all__ = ["NOVELS", "austen_text"]
 
@@ -44,9 +43,5 @@ def austen_text(novel: str) -> Path:
         text = "\n".join(str(s) for s in lines) + "\n"
         if len(text) < 100_000:
             raise ZooUnavailable(f"{source}: {name} holds only {len(text)} characters; not the novel")
-
-        def write(tmp: str, text=text) -> None:
-            Path(tmp).write_text(text, encoding="utf-8")
-
-        atomic_write(_path(name), write)
+        write_text(_path(name), text)
     return path

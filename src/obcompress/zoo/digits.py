@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import NamedTuple, Optional, Union
@@ -27,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from obcompress._cache import cache_dir
+from ..files import atomic_path, cache_dir
 
 # The split and the training recipe are part of the cache key: change them and the cached
 # weights are retrained instead of silently reused.
@@ -158,15 +156,8 @@ def save_weights(model: nn.Module, path: Union[str, Path], metadata: Optional[di
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {k: str(v) for k, v in (metadata or {}).items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=meta)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a cache is not secret
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
 
 
 def load_weights(model: nn.Module, path: Union[str, Path]) -> nn.Module:

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from obcompress._cache import cache_dir
+from ..files import atomic_path, cache_dir
 
-from ._fetch import ZooUnavailable, atomic_write, debian_package, read_members, require
+from ._fetch import ZooUnavailable, debian_package, read_members, require
 
 DEBIAN_PACKAGE = "tuxpaint-stamps-default"
 STAMPS_DIR = "usr/share/tuxpaint/stamps/"
@@ -262,7 +262,8 @@ def _build_cache(path: Path) -> None:
 
     tensors = {"eval": eval_imgs, "calibration": torch.stack(calib_imgs)}
     meta = {"eval_names": json.dumps(eval_names), "calibration_names": json.dumps(calib_names), "source": deb_name}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
 
 
 def _load_cache(path: Path):

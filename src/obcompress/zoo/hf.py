@@ -198,7 +198,7 @@ def perplexity(model: nn.Module, windows: Sequence[Dict[str, torch.Tensor]], pro
                ) -> Dict[str, float]:
     """exp(mean NLL) over every predicted token of every window (each token after the first of its
     window, given the ones before it); returns perplexity, nll (nats per token) and windows."""
-    from tqdm.auto import tqdm
+    from .._progress import progress_bar
 
     if not windows:
         raise ValueError("perplexity needs at least one window")
@@ -206,7 +206,7 @@ def perplexity(model: nn.Module, windows: Sequence[Dict[str, torch.Tensor]], pro
     model.eval()
     total, count = 0.0, 0
     try:
-        for w in tqdm(windows, desc="perplexity", unit="window", disable=not progress):
+        for w in progress_bar(windows, progress=progress, desc="perplexity", unit="window"):
             ids = w["input_ids"]
             out = model(input_ids=ids)
             logits = out.logits if hasattr(out, "logits") else out[0]
@@ -263,6 +263,11 @@ class NextTokenLogits(nn.Module):
         return logits[:, :-1].transpose(1, 2)
 
 
+def _weight_layer(m: nn.Module) -> bool:
+    """The layers a language model's Fisher covers: Linear and transformers' Conv1D (GPT-2 style)."""
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+
+
 class _NoData:
     """Stands for the calibration data of an hf: model given no --data: any use says what to pass."""
 
@@ -277,7 +282,7 @@ def hf_entry(spec: str, *, data: Optional[str] = None, eval_data: Optional[str] 
              seq_len: int = DEFAULT_SEQ_LEN, num_calibration: int = 16, eval_windows: Optional[int] = None,
              hf_class: Optional[str] = None, progress: bool = False):
     """The ``ZooEntry`` of ``hf:DIR`` with text calibration data and a perplexity evaluation."""
-    from .registry import ZooEntry
+    from .entries import ZooEntry
 
     _check_positive(seq_len, "--seq-len")
     _check_positive(num_calibration, "--calibration-samples")
@@ -302,15 +307,13 @@ def hf_entry(spec: str, *, data: Optional[str] = None, eval_data: Optional[str] 
         return perplexity(m, cache[0], progress=progress)
 
     def fisher_task():
-        from .registry import FisherTask
+        from .entries import FisherTask
 
         wrapper = NextTokenLogits(model)
         data = [(w["input_ids"], w["input_ids"][:, 1:]) for w in calibration]
         # The output embedding is left out, as in every LLM recipe: it is often tied to the input one.
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        from ..model.layers import find_layers
-
-        names = [n for n, info in find_layers(wrapper).items() if head is None or info.module is not head]
+        names = [n for n, m in wrapper.named_modules() if m is not head and _weight_layer(m)]
         return FisherTask(wrapper, data, lambda w: evaluate(w.lm), names, "lm.")
 
     return ZooEntry(model, calibration, evaluate, fisher_task)
@@ -318,21 +321,8 @@ def hf_entry(spec: str, *, data: Optional[str] = None, eval_data: Optional[str] 
 
 # ---------------------------------------------------------------------------------------------- CLI
 
+# The options the CLI gives every command with --model (cli.add_hf_options defines them).
 _CLI_DESTS = ("hf_class", "data", "eval_data", "seq_len", "eval_windows")
-
-
-def add_cli_options(parser) -> None:
-    """The options of an ``hf:DIR`` model, for every command that takes ``--model``."""
-    g = parser.add_argument_group("Hugging Face models (--model hf:DIR)")
-    g.add_argument("--hf-class", default=None, metavar="CLASS",
-                   help="transformers class to load DIR with (default: the AutoModelFor... its config names)")
-    g.add_argument("--data", default=None, metavar="text:FILE",
-                   help="calibration: --calibration-samples windows of --seq-len tokens spread over FILE")
-    g.add_argument("--eval-data", default=None, metavar="perplexity:FILE",
-                   help="evaluation: perplexity on consecutive non-overlapping --seq-len windows of FILE")
-    g.add_argument("--seq-len", type=int, default=None, metavar="L", help=f"tokens per window (default {DEFAULT_SEQ_LEN})")
-    g.add_argument("--eval-windows", type=int, default=None, metavar="N",
-                   help="evaluate on at most the first N windows (default: all the file holds)")
 
 
 def cli_options(args, model: str) -> Dict[str, Any]:

@@ -36,9 +36,9 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from obcompress._cache import cache_dir
+from ..files import atomic_path, cache_dir, write_json
 
-from ._fetch import ZooUnavailable, atomic_write, debian_package, read_members, require
+from ._fetch import ZooUnavailable, debian_package, read_members, require
 
 DEBIAN_PACKAGE = "r-cran-modeldata"
 RDATA_DIR = "usr/lib/R/site-library/modeldata/data/"
@@ -163,11 +163,7 @@ def _build_reviews(path: Path) -> None:
             )
         blob[split] = {"texts": texts, "labels": [int(s == "great") for s in scores]}
 
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(blob, f, ensure_ascii=False)
-
-    atomic_write(path, write)
+    write_json(path, blob, ensure_ascii=False)
 
 
 def load_reviews() -> Reviews:
@@ -336,7 +332,8 @@ def dense_reference(reviews: Optional[Reviews] = None) -> DenseReference:
     coef, intercept = _fit_classifier(train, reviews.train_labels)
     tensors = {"train": train, "test": test, "coef": coef}
     meta = {"intercept": repr(intercept), "classifier": json.dumps(CLASSIFIER)}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return DenseReference(train, test, coef, intercept)
 
 

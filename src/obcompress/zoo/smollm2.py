@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from obcompress._cache import cache_dir
-
+from ..files import atomic_directory, cache_dir
 from ._fetch import MissingPackage, ZooUnavailable, require
 
 __all__ = ["smollm2_dir"]
@@ -58,18 +55,7 @@ def smollm2_dir() -> Path:
     model = transformers.LlamaForCausalLM(loaded.config)
     model.load_state_dict(loaded.state_dict())
     model = model.float().eval()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only
-        for p in tmp.iterdir():
-            os.chmod(p, 0o644)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, TextIO
 
-from .api import compress
+from ..api import compress
 
 # The recipes of the demo, in the order they are printed.
 RECIPES: Dict[str, dict] = {
@@ -55,8 +55,8 @@ def run_model_demo(
     out: Optional[TextIO] = None,
     progress: bool = True,
 ) -> ModelDemoReport:
-    from .formats import artifact_size, fp32_size, save
-    from .zoo.digits import calibration_inputs, digits_cnn, evaluate, load_digits_data
+    from ..formats import artifact_size, fp32_size, save
+    from ..zoo.digits import calibration_inputs, digits_cnn, evaluate, load_digits_data
 
     out = out if out is not None else sys.stdout
     names = list(RECIPES) if recipes is None else list(recipes)

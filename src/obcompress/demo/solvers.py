@@ -1,12 +1,11 @@
-"""``obcompress demo``: every layer solver on the real layers of a small digits CNN.
+"""The per-layer half of ``obcompress demo``: every layer solver on the real layers of a digits CNN.
 
 Trains (or loads from the cache) the scikit-learn digits CNN, collects each layer's Hessian from
-calibration images of the training split, and compresses each layer with every solver next to its
-baseline (round-to-nearest for quantization, magnitude for pruning). It prints the layer loss
-1/2 tr(dW H dW^T) and the seconds of each solver, then the test accuracy of the whole model with all
-layers compressed at once by the same solver (Hessians from the dense model: parallel calibration).
-
-Until whole-model compression exists (issue 3) this is the end-to-end check of the solvers.
+calibration images of the training split (``model.collect_hessians``, the dense model: parallel
+calibration), and compresses each layer with every solver next to its baseline (round-to-nearest
+for quantization, magnitude for pruning). It prints the layer loss 1/2 tr(dW H dW^T) and the
+seconds of each solver, then the test accuracy of the whole model with all layers compressed at
+once by the same solver.
 """
 
 from __future__ import annotations
@@ -19,9 +18,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, TextIO
 
 import torch
-from torch import nn
 
-from obcompress.solvers import (
+from .._progress import progress_bar
+from ..model import collect_hessians, find_layers, weight_groups
+from ..solvers import (
     QuantGrid,
     exact_obs_prune,
     gptq_quantize,
@@ -31,7 +31,6 @@ from obcompress.solvers import (
     rtn_quantize,
     sparsegpt_prune,
 )
-from obcompress.solvers.hessian import HessianAccumulator
 
 BITS = 4
 
@@ -189,40 +188,6 @@ class DemoReport:
         raise KeyError((layer, method))
 
 
-def compressible_layers(model: nn.Module) -> Dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-
-
-@torch.no_grad()
-def collect_hessians(model: nn.Module, X: torch.Tensor, batch_size: int = 256) -> Dict[str, torch.Tensor]:
-    """H of every Conv2d / Linear layer from the inputs it sees while the dense model runs on X."""
-    layers = compressible_layers(model)
-    accs, handles = {}, []
-    for name, mod in layers.items():
-        cols = mod.weight[0].numel()
-        if isinstance(mod, nn.Conv2d):
-            accs[name] = HessianAccumulator(cols, groups=mod.groups)
-
-            def hook(m, inp, out, acc=accs[name]):
-                acc.add_conv_input(inp[0], m.kernel_size, m.stride, m.padding, m.dilation, m.groups, m.padding_mode)
-
-        else:
-            accs[name] = HessianAccumulator(cols)
-
-            def hook(m, inp, out, acc=accs[name]):
-                acc.add(inp[0].reshape(-1, m.in_features))
-
-        handles.append(mod.register_forward_hook(hook))
-    try:
-        model.eval()
-        for i in range(0, X.shape[0], batch_size):
-            model(X[i : i + batch_size])
-    finally:
-        for h in handles:
-            h.remove()
-    return {name: acc.hessian() for name, acc in accs.items()}
-
-
 def _fmt_loss(x: float) -> str:
     return "-" if not math.isfinite(x) else f"{x:.4g}"
 
@@ -267,9 +232,7 @@ def run_demo(
 
     ``methods`` (keys of METHODS) and ``layers`` (module names) select a subset, for quick runs.
     """
-    from tqdm.auto import tqdm
-
-    from obcompress.zoo.digits import DigitsCNN, calibration_inputs, digits_cnn, evaluate, load_digits_data
+    from ..zoo.digits import DigitsCNN, calibration_inputs, digits_cnn, evaluate, load_digits_data
 
     out = out if out is not None else sys.stdout
     t_start = time.perf_counter()
@@ -285,7 +248,7 @@ def run_demo(
     chosen = [m for m in METHODS if m.key in wanted]
 
     # Check the layer names on an untrained model: a typo fails before any training.
-    layer_names = list(compressible_layers(DigitsCNN()))
+    layer_names = list(find_layers(DigitsCNN()))
     if layers is not None:
         unknown = [n for n in layers if n not in layer_names]
         if unknown:
@@ -296,10 +259,10 @@ def run_demo(
     calibration_inputs(calibration_samples, data)  # validates the count before training
     model = digits_cnn(pretrained=True, data=data)
     dense_acc = evaluate(model, data.X_test, data.y_test)
-    all_layers = compressible_layers(model)
+    all_layers = find_layers(model)
 
     X_cal = calibration_inputs(calibration_samples, data)
-    hessians = collect_hessians(model, X_cal)
+    hessians = collect_hessians(model, all_layers, X_cal.split(256))
 
     runnable = chosen
 
@@ -315,16 +278,16 @@ def run_demo(
     new_weights: Dict[str, Dict[str, torch.Tensor]] = {m.key: {} for m in runnable}
     skipped: Dict[str, List[str]] = {m.key: [] for m in runnable}
     shapes = {}
-    bar = tqdm(names, desc="layers", unit="layer", disable=not progress, file=sys.stderr)
+    bar = progress_bar(names, desc="layers", unit="layer", progress=progress)
     for name in bar:
-        mod = all_layers[name]
-        W = mod.weight.detach().flatten(1).to(torch.float32)
-        H = hessians[name]
-        shapes[name] = tuple(W.shape)
-        if H.dim() != 2:
+        info = all_layers[name]
+        mod = info.module
+        if info.groups != 1:
             raise ValueError(f"layer {name}: grouped convolutions are not part of this demo")
-        K = mod.kernel_size[0] * mod.kernel_size[1] if isinstance(mod, nn.Conv2d) else None
-        ctx = LayerContext(name, W, H, K, _fit_grid(W))
+        W = weight_groups(info)[0]
+        H = hessians[name].reshape(info.cols, info.cols)
+        shapes[name] = tuple(W.shape)
+        ctx = LayerContext(name, W, H, info.taps if info.taps > 1 else None, _fit_grid(W))
         layer_rows = []
         for m in runnable:
             if m.nm and W.shape[1] % 4:
@@ -345,7 +308,7 @@ def run_demo(
             if r.baseline in by_key:
                 r.baseline_loss = by_key[r.baseline].loss
         rows.extend(layer_rows)
-        tqdm.write(format_layer_table(name, shapes[name], layer_rows) + "\n", file=out)
+        bar.write(format_layer_table(name, shapes[name], layer_rows) + "\n", file=out)
     bar.close()
 
     accuracy = {}
@@ -353,10 +316,10 @@ def run_demo(
         if not new_weights[m.key]:
             continue
         compressed = copy.deepcopy(model)
-        mods = compressible_layers(compressed)
+        mods = find_layers(compressed)
         with torch.no_grad():
             for name, w in new_weights[m.key].items():
-                mods[name].weight.copy_(w)
+                mods[name].module.weight.copy_(w)
         accuracy[m.key] = evaluate(compressed, data.X_test, data.y_test)
 
     report = DemoReport(
@@ -370,15 +333,5 @@ def run_demo(
     )
     print(format_accuracy_table(report, runnable), file=out)
     report.seconds = time.perf_counter() - t_start
-    print(f"\ndemo finished in {report.seconds:.1f} s", file=out)
+    print(f"\nper-layer comparison finished in {report.seconds:.1f} s", file=out)
     return report
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from obcompress.cli import main as cli_main
-
-    return cli_main(["demo", *(argv if argv is not None else sys.argv[1:])])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
