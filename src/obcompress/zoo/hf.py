@@ -34,6 +34,7 @@ from ._fetch import require
 
 __all__ = [
     "HF_PREFIX",
+    "NextTokenLogits",
     "TextWindows",
     "calibration_windows",
     "evaluation_windows",
