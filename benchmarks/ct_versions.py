@@ -63,6 +63,8 @@ def main(argv=None) -> int:
     ap.add_argument("--versions", required=True, help="comma-separated compressed-tensors versions")
     ap.add_argument("--root", required=True, help="folder holding one --target install per version, named by it")
     ap.add_argument("--recipes", default=",".join(RECIPES))
+    ap.add_argument("--asymmetric", default="auto", choices=("auto", "zero-point", "widen"),
+                    help="how asymmetric grids are written (export_compressed_tensors' asymmetric=)")
     args = ap.parse_args(argv)
 
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -99,7 +101,8 @@ def main(argv=None) -> int:
         for key in refs:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                out = export_compressed_tensors(fresh(), work / f"art_{key}", work / f"ct_{key}_{v}", ct_version=v)
+                out = export_compressed_tensors(fresh(), work / f"art_{key}", work / f"ct_{key}_{v}", ct_version=v,
+                                                asymmetric=args.asymmetric)
             written = {e["written"] for e in out.layers.values()}
             bits = {e["bits"] for e in out.layers.values() if e["bits"]}
             dirs[key] = (str(out.directory), "+".join(sorted(written)) + (f" {sorted(bits)}-bit" if bits else ""))
