@@ -450,6 +450,11 @@ def export_compressed_tensors(model: nn.Module, artifact_dir: Union[str, os.Path
     if not (isinstance(model, nn.Module) and hasattr(model, "save_pretrained") and hasattr(model, "config")):
         raise ValueError("the compressed-tensors export needs a Hugging Face transformers model (e.g. --model hf:DIR); "
                          f"got {type(model).__name__}. For other models use the ONNX export")
+    if getattr(model, "hf_quantizer", None) is not None:
+        method = getattr(getattr(model.hf_quantizer, "quantization_config", None), "quant_method", "?")
+        raise ValueError(f"the model was loaded through transformers' {getattr(method, 'value', method)} quantizer, "
+                         "which makes it unsaveable: load a plain float checkpoint (a config.json without "
+                         "quantization_config) to export from")
     layout = ct_layout(ct_version)
     if asymmetric not in ASYMMETRIC_MODES:
         raise ValueError(f"asymmetric must be one of {', '.join(ASYMMETRIC_MODES)}, got {asymmetric!r}")
@@ -592,6 +597,8 @@ def export_compressed_tensors(model: nn.Module, artifact_dir: Union[str, os.Path
                     shutil.copyfile(src, tmp / fname)
         weights_bytes = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
         _check_written(tmp, model, sd, config_groups, layout, layer_report)
+        for p in tmp.iterdir():
+            os.chmod(p, 0o644)  # safetensors writes owner-only files; a checkpoint is meant to be shared
     for n in notes:
         warnings.warn(n, stacklevel=2)
     return CTExport(out, _directory_size(out), fp32_size(model), weights_bytes, layer_report, config_groups,

@@ -41,7 +41,8 @@ def smollm2_dir() -> Path:
     """The cached float32 model directory, built on first use (about a minute)."""
     out = cache_dir() / "smollm2-135m-instruct-fp32"
     if (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
-        return out
+        if '"quantization_config"' not in (out / "config.json").read_text(encoding="utf-8"):
+            return out  # (a directory built before that record was dropped is built again)
     gguf = _gguf_path()
     require("gguf", "gguf", _WHAT)
     transformers = require("transformers", "transformers", _WHAT)
@@ -51,8 +52,13 @@ def smollm2_dir() -> Path:
     kwargs = dict(gguf_file=gguf.name, local_files_only=True)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kwargs)
-    # save_pretrained refuses a GGUF-loaded model: rebuild a plain one from its config and weights.
-    model = transformers.LlamaForCausalLM(loaded.config)
+    # save_pretrained refuses a GGUF-loaded model: rebuild a plain one from its config and weights,
+    # without the config's record of the GGUF quantizer (the weights are dequantized floats now, and
+    # a model loaded with that record counts as quantized and cannot be saved again).
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = transformers.LlamaForCausalLM(config)
     model.load_state_dict(loaded.state_dict())
     model = model.float().eval()
     with atomic_directory(out) as tmp:
