@@ -597,8 +597,6 @@ def export_compressed_tensors(model: nn.Module, artifact_dir: Union[str, os.Path
                     shutil.copyfile(src, tmp / fname)
         weights_bytes = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
         _check_written(tmp, model, sd, config_groups, layout, layer_report)
-        for p in tmp.iterdir():
-            os.chmod(p, 0o644)  # safetensors writes owner-only files; a checkpoint is meant to be shared
     for n in notes:
         warnings.warn(n, stacklevel=2)
     return CTExport(out, _directory_size(out), fp32_size(model), weights_bytes, layer_report, config_groups,
