@@ -87,13 +87,22 @@ SMOL_RECIPES = {
 
 
 def _smol_data(windows: int, eval_windows: int):
-    from obcompress.zoo import smollm2 as S
+    """SmolLM2 (the zoo's model directory), ``windows`` calibration windows of 512 tokens spread over
+    Emma, ``eval_windows`` consecutive ones of Pride and Prejudice."""
+    from obcompress.zoo import hf
+    from obcompress.zoo.austen import austen_text
+    from obcompress.zoo.smollm2 import smollm2_dir
 
-    model, tok = S.load_model()
-    novels = S.load_novels()
-    calib = S.calibration_batches(tok, windows, "emma")
-    evals = S.windows(tok, novels["prideprejudice"], eval_windows)
-    return S, model, calib, evals
+    model, tok = hf.load_hf_model(smollm2_dir())
+    calib = hf.calibration_windows(hf.tokenize_file(tok, austen_text("emma")), 512, windows)
+    evals = hf.evaluation_windows(hf.tokenize_file(tok, austen_text("prideprejudice")), 512, eval_windows)
+    return model, calib, evals
+
+
+def _perplexity(model, evals) -> float:
+    from obcompress.zoo import hf
+
+    return hf.perplexity(model, evals)["perplexity"]
 
 
 def _forward_seconds(model, batches):
@@ -112,11 +121,11 @@ def _forward_seconds(model, batches):
 def one_smollm2(run: str, windows: int, eval_windows: int, executor: str) -> Dict[str, Any]:
     from obcompress.api import compress
 
-    S, model, calib, evals = _smol_data(windows, eval_windows)
+    model, calib, evals = _smol_data(windows, eval_windows)
     out: Dict[str, Any] = {"run": run}
     if run == "dense":
         out["forward_s"], out["forward_cpu_s"] = _forward_seconds(model, calib)
-        out["ppl"], out["ppl_s"], _ = _measure(lambda: S.perplexity(model, evals))
+        out["ppl"], out["ppl_s"], _ = _measure(lambda: _perplexity(model, evals))
         out["rss_mib"] = _peak_rss_mib()
         return out
     mode, name = run.split("-", 1)
@@ -129,7 +138,7 @@ def one_smollm2(run: str, windows: int, eval_windows: int, executor: str) -> Dic
     out["loss"] = result.total_loss
     out["calibration"] = dict(result.calibration, shared_inputs=len(result.calibration.get("shared_inputs", {})))
     out["rss_compress_mib"] = _peak_rss_mib()
-    out["ppl"] = S.perplexity(model, evals)
+    out["ppl"] = _perplexity(model, evals)
     out["rss_mib"] = _peak_rss_mib()
     return out
 
@@ -189,7 +198,7 @@ def one_exact_ray(block: int, windows: int) -> Dict[str, Any]:
     from obcompress.model.layers import find_layers, weight_groups
     from obcompress.recipe import Recipe
 
-    S, model, calib, _ = _smol_data(windows, 1)
+    model, calib, _ = _smol_data(windows, 1)
     layers = find_layers(model, [f"re:model\\.layers\\.{block}\\..*"], ())
     t0 = time.perf_counter()
     H = collect_hessians(model, dict(layers), calib)

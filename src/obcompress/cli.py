@@ -30,8 +30,24 @@ def _csv(text: str) -> list:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-_MODEL_HELP = ("zoo name (digits-cnn, efficientnet-lite0, minilm) or path/to/file.py:factory returning "
-               "(model, calibration data, evaluate); see examples/ and the README")
+_MODEL_HELP = ("zoo name (digits-cnn, efficientnet-lite0, minilm), path/to/file.py:factory returning "
+               "(model, calibration data, evaluate), or hf:DIR (a local Hugging Face model directory); see "
+               "examples/ and the README")
+
+
+def add_hf_options(parser) -> None:
+    """The options of an ``hf:DIR`` model, for every command that takes ``--model``
+    (obcompress.zoo.hf reads them)."""
+    g = parser.add_argument_group("Hugging Face models (--model hf:DIR)")
+    g.add_argument("--hf-class", default=None, metavar="CLASS",
+                   help="transformers class to load DIR with (default: the AutoModelFor... its config names)")
+    g.add_argument("--data", default=None, metavar="text:FILE",
+                   help="calibration: --calibration-samples windows of --seq-len tokens spread over FILE")
+    g.add_argument("--eval-data", default=None, metavar="perplexity:FILE",
+                   help="evaluation: perplexity on consecutive non-overlapping --seq-len windows of FILE")
+    g.add_argument("--seq-len", type=int, default=None, metavar="L", help="tokens per window (default 512)")
+    g.add_argument("--eval-windows", type=int, default=None, metavar="N",
+                   help="evaluate on at most the first N windows (default: all the file holds)")
 _CALIBRATION_HELP = "calibration samples to use (default %(default)s); data beyond them is left unused, with a warning"
 # The selection methods a sweep compares (search.sweep checks the same names).
 SWEEP_METHODS = ("uniform", "dp", "spdy")
@@ -79,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "evaluate it and write the artifact to --out.",
                           formatter_class=_SolversHelp)
     comp.add_argument("--model", required=True, metavar="M", help="zoo name (digits-cnn, efficientnet-lite0, "
-                      "minilm) or path/to/file.py:factory returning (model, calibration data, evaluate)")
+                      "minilm), path/to/file.py:factory returning (model, calibration data, evaluate), or hf:DIR "
+                      "(a local Hugging Face model directory)")
     comp.add_argument("--recipe", required=True, metavar="R", help="recipe YAML file (or YAML text)")
     comp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                       help="override a recipe key, e.g. --set quantization.num_bits=3 (repeatable)")
@@ -90,28 +107,40 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--device", default=None, metavar="D",
                       help="where Hessians and solvers run: cpu, cuda, cuda:1 (default: the recipe's, else each "
                            "layer's own device)")
+    add_hf_options(comp)
     ev = sub.add_parser("eval", help="evaluate a model, dense or from an artifact",
                         description="Evaluate MODEL with its own evaluation (accuracy, perplexity, ...): the dense "
                                     "model, or with --artifact the compressed one loaded into it.")
     ev.add_argument("--model", required=True, metavar="M", help=_MODEL_HELP)
     ev.add_argument("--artifact", metavar="DIR", help="load this artifact into the model first")
+    add_hf_options(ev)
     rep = sub.add_parser("report", help="print an artifact's per-layer report and sizes, or plot a search sweep",
                          description="DIR is an artifact (prints its per-layer report) or a directory written by "
                                      "`obcompress search sweep` (draws pareto_<cost>.png and layers_*.png into it).")
     rep.add_argument("directory", metavar="DIR")
     _search_parser(sub)
-    ex = sub.add_parser("export", help="export a compressed model (artifact) to ONNX with integer weights",
-                        description="Load the artifact DIR into MODEL and write it as ONNX: quantized weights as "
+    ex = sub.add_parser("export", help="export a compressed model (artifact) to ONNX or compressed-tensors",
+                        description="Load the artifact DIR into MODEL and write it as ONNX (quantized weights as "
                                     "int8/int4 behind DequantizeLinear, Quantize/DequantizeLinear on quantized inputs; "
-                                    "traced on the first calibration batch.")
-    ex.add_argument("--model", required=True, metavar="M", help="zoo name or path/to/file.py:factory")
+                                    "traced on the first calibration batch), or, for a Hugging Face model, as a "
+                                    "compressed-tensors checkpoint directory that transformers and vLLM load.")
+    ex.add_argument("--model", required=True, metavar="M", help="zoo name, path/to/file.py:factory or hf:DIR")
     ex.add_argument("--artifact", required=True, metavar="DIR", help="artifact written by `obcompress compress`")
-    ex.add_argument("--format", choices=("onnx",), default="onnx", help="output format (onnx)")
-    ex.add_argument("--out", required=True, metavar="FILE", help="file to write, e.g. model.onnx")
+    ex.add_argument("--format", choices=("onnx", "compressed-tensors"), default="onnx",
+                    help="onnx (a file) or compressed-tensors (a Hugging Face directory; hf: models)")
+    ex.add_argument("--out", required=True, metavar="PATH", help="file (onnx) or directory (compressed-tensors) to write")
+    ex.add_argument("--ct-version", default=None, metavar="V",
+                    help="compressed-tensors version to lay the checkpoint out for (default: the installed one, "
+                         "else the newest tested)")
+    ex.add_argument("--asymmetric", choices=("auto", "zero-point", "widen"), default="auto",
+                    help="compressed-tensors: asymmetric grids as the format's zero points (vLLM reads them; "
+                         "transformers with compressed-tensors >= 0.18 cannot), widened to symmetric grids one bit "
+                         "wider (exact, loads everywhere), or auto (zero points where transformers loads them)")
     ex.add_argument("--opset", type=int, default=21, metavar="N", help="ONNX opset (default 21; int4 and "
                     "group grids need 21)")
     ex.add_argument("--weight-format", choices=("auto", "int8"), default="auto",
                     help="auto: int4 for grids of <= 4 bits, else int8 (default); int8: int8 for all")
+    add_hf_options(ex)
     demo.add_argument("--out", default="out/demo", metavar="DIR",
                       help="where the artifact of the last whole-model recipe is written (default out/demo)")
     demo.add_argument("--solvers-only", action="store_true", help="only the per-layer solver comparison")
@@ -170,12 +199,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _print_metrics(title: str, metrics: dict) -> None:
+    if not metrics:
+        print(f"{title}: no evaluation (an hf: model needs --eval-data perplexity:FILE)")
+        return
     print(title + ": " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
 
 
-def _resolve(model: str, calibration_samples: Optional[int] = None):
+def _resolve(model: str, calibration_samples: Optional[int] = None, args=None):
+    from obcompress.zoo.hf import HF_PREFIX, cli_options
     from obcompress.zoo.registry import ZOO, resolve
 
+    hf = cli_options(args, model) if args is not None else {}
+    if model.startswith(HF_PREFIX):
+        if calibration_samples is not None:
+            hf["num_calibration"] = calibration_samples
+        return resolve(model, **hf)
     # Zoo entries size their calibration set themselves; a user's factory takes no options.
     if model in ZOO and calibration_samples is not None:
         return resolve(model, num_calibration=calibration_samples)
@@ -190,7 +228,7 @@ def _compress(args) -> int:
     recipe = Recipe.from_yaml(args.recipe)
     if args.overrides:
         recipe = recipe.with_overrides(args.overrides)
-    entry = _resolve(args.model, args.calibration_samples)
+    entry = _resolve(args.model, args.calibration_samples, args)
     fp32 = fp32_size(entry.model)
     result = compress(entry.model, recipe, entry.calibration, num_calibration_samples=args.calibration_samples,
                       progress=not args.no_progress, executor=args.executor, ray_address=args.ray_address,
@@ -207,7 +245,7 @@ def _compress(args) -> int:
 def _eval(args) -> int:
     from obcompress.formats import load
 
-    entry = _resolve(args.model)
+    entry = _resolve(args.model, args=args)
     if args.artifact:
         load(args.artifact, entry.model)
     _print_metrics("compressed" if args.artifact else "dense", entry.evaluate(entry.model))
@@ -263,7 +301,9 @@ def _export(args) -> int:
     from obcompress.formats.onnx_export import export_onnx
     from obcompress.model.calibration import calibration_batches
 
-    entry = _resolve(args.model)
+    if args.format == "compressed-tensors":
+        return _export_compressed_tensors(args)
+    entry = _resolve(args.model, args=args)
     load(args.artifact, entry.model)
     # A few samples, not one: a batch of one would fix the exported batch size to 1.
     example = calibration_batches(entry.calibration, 8)[0]
@@ -280,6 +320,25 @@ def _export(args) -> int:
     return 0
 
 
+def _export_compressed_tensors(args) -> int:
+    import warnings
+
+    from obcompress.formats import artifact_size
+    from obcompress.formats.compressed_tensors import export_compressed_tensors
+
+    entry = _resolve(args.model, args=args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the same notes are printed below, once
+        out = export_compressed_tensors(entry.model, args.artifact, args.out, ct_version=args.ct_version,
+                                        asymmetric=args.asymmetric, progress=True)
+    print(out.table())
+    for n in out.warnings:
+        print(f"warning: {n}", file=sys.stderr)
+    print(f"artifact {artifact_size(args.artifact):,d} bytes; load it with "
+          f"transformers.AutoModelForCausalLM.from_pretrained({str(out.directory)!r}) and compressed-tensors installed")
+    return 0
+
+
 def _search_parser(sub) -> None:
     se = sub.add_parser("search", help="non-uniform compression: build a layer database, choose per-layer variants",
                         description="Build a database of every layer's variants (resumable), then choose one "
@@ -293,6 +352,7 @@ def _search_parser(sub) -> None:
         p.add_argument("--calibration-samples", type=int, default=256, metavar="N", help=_CALIBRATION_HELP)
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         _executor_args(p, "the per-layer records (build) or the re-fits of stitched variants")
+        add_hf_options(p)
 
     b = ss.add_parser("build", help="build or resume a model's database",
                       description="Compress every selected layer in every variant of the space (the OBC paper's "
@@ -373,6 +433,7 @@ def _search_parser(sub) -> None:
     fp.add_argument("--activation-bits", type=int, default=8, metavar="B",
                     help="activation width the BOPs cost assumes for quantized layers (default 8)")
     fp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_hf_options(fp)
 
     w = ss.add_parser("sweep", help="accuracy of uniform / DP / SPDY at several goals (then `obcompress report DIR`)",
                       description="For every goal and method, choose a configuration from the database, stitch "
@@ -394,7 +455,7 @@ def _search(args, parser) -> int:
 
     if args.search_command is None:
         parser.exit(2, "obcompress search: error: give a step: build, select, sweep or fit\n")
-    entry = _resolve(args.model, args.calibration_samples)
+    entry = _resolve(args.model, args.calibration_samples, args)
     progress = not args.no_progress
     if args.search_command == "fit":
         return _search_fit(args, entry, progress)
@@ -471,7 +532,7 @@ def _search(args, parser) -> int:
             m = entry.model
             db.apply(m, cfg.choice)
             as_recipe_runs(m, recipe, batches, args.correction, fix)  # as `compress` runs the recipe
-            _print_metrics("dense", entry.evaluate(_resolve(args.model, args.calibration_samples).model))
+            _print_metrics("dense", entry.evaluate(_resolve(args.model, args.calibration_samples, args).model))
             _print_metrics("selected", entry.evaluate(m))
         return 0
     from obcompress.search.sweep import run_sweep

@@ -35,12 +35,13 @@ __all__ = ["labelled_batches", "run_fitcompress", "path_plot"]
 
 def _is_labelled(batch: Any) -> bool:
     return (isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], torch.Tensor)
-            and not batch[1].is_floating_point() and batch[1].dim() == 1)
+            and not batch[1].is_floating_point() and batch[1].dim() >= 1)
 
 
 def labelled_batches(model: nn.Module, data: Iterable, num_samples: int, transform_fn=None) -> List[Tuple[Any, Any]]:
-    """(x, y) batches: the data's own labels when its batches are (x, y) pairs with integer labels,
-    else the dense model's top-1 prediction for each input. The data is read only as far as
+    """(x, y) batches: the data's own labels when its batches are (x, y) pairs with integer labels
+    (one per sample, or more, e.g. the next token of every position of a text window), else the
+    dense model's top-1 prediction for each input. The data is read only as far as
     ``num_samples`` needs (a map-style Dataset is batched first, as for calibration)."""
     if isinstance(data, torch.utils.data.Dataset):
         data = torch.utils.data.DataLoader(data, batch_size=min(num_samples, 32))

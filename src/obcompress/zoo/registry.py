@@ -20,35 +20,15 @@ import importlib
 import importlib.util
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict
 
 import torch
 from torch import nn
 
 from ._fetch import MissingPackage, ZooUnavailable
+from .entries import FisherTask, ZooEntry
 
 __all__ = ["ZOO", "FisherTask", "ZooEntry", "ZooUnavailable", "MissingPackage", "load_spec", "resolve"]
-
-
-class FisherTask(NamedTuple):
-    """What a Fisher (FITCompress) needs where the model itself has no classification loss: a module
-    around the entry's model that outputs logits, labelled ``(inputs, labels)`` batches for it, the
-    evaluation of such a module, and the layers of it to consider (``find_layers`` targets)."""
-
-    model: nn.Module
-    data: List[Tuple[Any, torch.Tensor]]
-    evaluate: Callable[[nn.Module], Dict[str, float]]
-    targets: Optional[List[str]] = None
-    # Where the entry's model sits in ``model``: its layer names there start with this.
-    prefix: str = ""
-
-
-class ZooEntry(NamedTuple):
-    model: nn.Module
-    calibration: Iterable
-    evaluate: Callable[[nn.Module], Dict[str, float]]
-    # Built on demand (it may load data); None: the model's own logits and the calibration data serve.
-    fisher_task: Optional[Callable[[], FisherTask]] = None
 
 
 def digits_cnn(num_calibration: int = 1024, batch_size: int = 128) -> ZooEntry:
@@ -187,9 +167,15 @@ def load_spec(spec: str, **options) -> ZooEntry:
 
 
 def resolve(model: str, **options) -> ZooEntry:
-    """A zoo name (``ZOO``) or a ``file.py:factory`` spec."""
+    """A zoo name (``ZOO``), a ``file.py:factory`` spec, or ``hf:DIR`` (a local Hugging Face model
+    directory; options: data, eval_data, seq_len, num_calibration, eval_windows, hf_class, see ``hf``)."""
+    if isinstance(model, str) and model.startswith("hf:"):
+        from .hf import hf_entry
+
+        return hf_entry(model, **options)
     if model in ZOO:
         return ZOO[model](**options)
     if ":" in model:
         return load_spec(model, **options)
-    raise ValueError(f"unknown model {model!r}: expected one of {', '.join(sorted(ZOO))} or 'path/to/file.py:factory'")
+    raise ValueError(f"unknown model {model!r}: expected one of {', '.join(sorted(ZOO))}, 'path/to/file.py:factory' "
+                     "or 'hf:DIR' (a local Hugging Face model directory)")
