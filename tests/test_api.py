@@ -1,4 +1,5 @@
 import copy
+import sys
 
 import pytest
 import torch
@@ -302,6 +303,8 @@ def test_long_exact_solves_are_announced_with_the_alternatives_and_show_an_eta(m
 
     monkeypatch.setattr(api, "LONG_SOLVE_SECONDS", 0.0)
     monkeypatch.setattr(api, "_wide", lambda shape: True)
+    # The ETA lives on the progress bar, which shows on a terminal only: stderr plays one here.
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     model, data = _setup()
     compress(model, {"solver": "exact", "sparsity": {"sparsity": 0.5}, "targets": ["fc1"]}, data,
              num_calibration_samples=96, progress=True)

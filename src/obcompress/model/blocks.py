@@ -32,7 +32,6 @@ cached inputs stay on the model's device (e.g. the CPU) between blocks.
 
 from __future__ import annotations
 
-import sys
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from .._progress import progress_bar
 from ..recipe import selector_matches
 from .calibration import HessianHooks, StopForward, _input_geometry, collect_hessians, run_model
 from .layers import LayerInfo, is_compressible
@@ -399,8 +399,6 @@ def sequential_calibration(
     Returns what ran: ``{"path": "blocks" | "layers", "found_by", "reason", "blocks", "model_passes",
     "block_passes", "shared_inputs", "seconds": {phase: wall s}, "cpu_seconds": {phase: CPU s}}``. The train/eval flags and a Hugging Face ``config.use_cache`` are restored.
     """
-    from tqdm.auto import tqdm
-
     log = log or (lambda msg: None)
     modes = [(m, m.training) for m in model.modules()]
     config = getattr(model, "config", None)
@@ -436,7 +434,7 @@ def sequential_calibration(
                 """One pass per distinct input, stopped right after it (the fallback, and the
                 layers outside the blocks)."""
                 groups = _groups(names, plan.shares)
-                bar = tqdm(groups, desc=what, unit="input", disable=not progress, leave=False, file=sys.stderr)
+                bar = progress_bar(groups, desc=what, unit="input", leave=False, progress=progress)
                 for group in bar:
                     bar.set_postfix_str(", ".join(group)[:60])
                     with phase("layerwise"):
@@ -462,8 +460,8 @@ def sequential_calibration(
             cap = _Capture(plan.blocks[0][1], keep_on)
             try:
                 with phase("capture"):
-                    for batch in tqdm(batches, desc="capture block inputs", unit="batch", disable=not progress,
-                                      leave=False, file=sys.stderr):
+                    for batch in progress_bar(batches, desc="capture block inputs", unit="batch", leave=False,
+                                              progress=progress):
                         cap.inputs = None
                         try:
                             run_model(model, batch)
@@ -476,8 +474,7 @@ def sequential_calibration(
                 cap.handle.remove()
             info["model_passes"] += 1
             at = plan.hidden_at
-            bar = tqdm(list(enumerate(plan.blocks)), desc="blocks", unit="block", disable=not progress,
-                       file=sys.stderr)
+            bar = progress_bar(list(enumerate(plan.blocks)), desc="blocks", unit="block", progress=progress)
             for i, (bname, block) in bar:
                 home = _module_device(block)
                 run_on = device if device is not None else home

@@ -10,7 +10,6 @@ stored (a conv input is unfolded in bounded chunks by the accumulator).
 
 from __future__ import annotations
 
-import sys
 import warnings
 import weakref
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
@@ -18,6 +17,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from .._progress import progress_bar
 from ..solvers.hessian import HessianAccumulator, all_finite
 from .layers import LayerInfo
 
@@ -384,15 +384,13 @@ def collect_hessians(model: nn.Module, layers: Dict[str, LayerInfo], batches: It
     data-dependent control flow. The train/eval flag of every submodule is restored. ``progress``:
     a bar over the batches. Layers fed by the same tensor share one H (see ``HessianHooks``).
     """
-    from tqdm.auto import tqdm
-
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with HessianHooks(layers) as hooks, torch.no_grad():
             count = 0
             first_calls: Dict[str, int] = {}
-            items = batches if not progress else tqdm(batches, desc=desc, unit="batch", leave=False, file=sys.stderr)
+            items = progress_bar(batches, desc=desc, unit="batch", leave=False, progress=progress)
             for batch in items:
                 hooks.begin_batch()
                 if stop_early and count > 0:
