@@ -5,7 +5,7 @@ the Hessian of the layer-wise objective ||W X - W_hat X||^2 / n over its inputs 
 Every solver returns a SolverResult whose ``loss`` is ``layer_loss(W, result.weight, H)``.
 """
 
-from ._common import SolverResult, layer_loss, parse_mask_structure, prepare_layer
+from ._common import SolverResult, layer_loss, num_pruned, parse_mask_structure, prepare_layer
 from .baselines import magnitude_prune, rtn_quantize
 from .gptq import gptq_quantize, sparsegpt_prune
 from .grid import QuantGrid
@@ -25,6 +25,7 @@ __all__ = [
     "hessian",
     "layer_loss",
     "magnitude_prune",
+    "num_pruned",
     "obq_quantize",
     "support_refit",
     "parse_mask_structure",
