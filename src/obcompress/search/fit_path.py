@@ -53,6 +53,7 @@ from __future__ import annotations
 import heapq
 import math
 import numbers
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -437,6 +438,7 @@ def plan_path(
     beam_width: int = 1,
     refresh: Optional[Callable[[Dict[str, torch.Tensor]], Fisher]] = None,
     max_expansions: int = MAX_EXPANSIONS,
+    progress: bool = False,
 ) -> FitPath:
     """FITCompress: search per-layer bits and a global FIT-importance mask for ``goal`` (a ``Goal``
     or "size=1/12", "bops=1/8"), as the module docstring defines it. Defaults: the reference's
@@ -447,7 +449,7 @@ def plan_path(
     Fisher``: the Fisher of the model holding ``weights`` ({layer: tensor in the weight's shape}),
     called once at each expanded node (the reference's approximate mode), e.g. ``run_fitcompress``'s
     estimate from 20 batches. The path's ``fit`` values are each node's ``sum F (theta_dense -
-    theta)^2`` under ``fisher``.
+    theta)^2`` under ``fisher``. ``progress``: a bar over the expanded nodes.
     """
     t0 = time.perf_counter()
     fisher, W, geoms, goal, bits, levels, lam, mode, beam_width, max_expansions = check_plan(
@@ -456,6 +458,13 @@ def plan_path(
     pl = _Planner(fisher, W, names, geoms, bits, levels, goal, lam, refresh)
     start = pl.start()
     expansions = 0
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc="fitcompress path", unit="node", disable=not progress, file=sys.stderr)
+
+    def expanding(v: _Node) -> None:
+        bar.update(1)
+        bar.set_postfix_str(f"{pl.goal.cost.name} {v.cost / pl.dense_cost:.4g} of dense, g {v.g:.4g}")
 
     def too_many():
         return ValueError(f"the search expanded {max_expansions} nodes without reaching {goal}: raise max_expansions "
@@ -486,6 +495,7 @@ def plan_path(
                 if expansions >= max_expansions:
                     raise too_many()
                 expansions += 1
+                expanding(v)
                 children += pl.expand(v)
             if not children:
                 raise unreachable(min(beam, key=lambda v: v.cost))
@@ -504,12 +514,14 @@ def plan_path(
             if expansions >= max_expansions:
                 raise too_many()
             expansions += 1
+            expanding(v)
             pl.build(v)
             for c in pl.expand(v):
                 counter += 1
                 heapq.heappush(heap, (pl.f(c), counter, c))
         if found is None:
             raise unreachable(deepest)
+    bar.close()
     pl.build(found)
     chain: List[_Node] = []
     v = found

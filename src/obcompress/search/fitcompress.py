@@ -191,7 +191,7 @@ def run_fitcompress(model: nn.Module, data: Iterable, goal: Union[str, Goal], *,
     limits = {} if max_expansions is None else {"max_expansions": max_expansions}
     if planner == "fitcompress":
         path = plan_path(fisher, model, None, goal, lam=lam, mode=mode, beam_width=beam_width,
-                         refresh=refresh_at if refresh_batches > 0 else None, **limits)
+                         refresh=refresh_at if refresh_batches > 0 else None, progress=progress, **limits)
     else:
         path = plan_telescoping_path(fisher, model, None, goal, lam=lam, mode=mode, beam_width=beam_width,
                                      refresh=refresh_step if refresh_batches > 0 else None, **limits)
