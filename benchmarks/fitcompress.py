@@ -12,9 +12,11 @@ model's top-1; minilm's Fisher is its FisherTask's (the fixed dense classifier's
 labelled training reviews). BOPs goals are evaluated as costed: every configuration with the
 recipe's 8-bit input quantizers.
 
-Every cell is stored in ``<db>/fitcompress-bench.json`` as it is measured and skipped when the
-script runs again (``--redo`` measures again), so a run can be stopped and resumed, and the FIT
-columns can be measured while a database is still being built (``--columns fit``).
+Every cell is stored in ``<db>/fitcompress-bench.json`` (the FITCompress columns) or
+``<db>/fitcompress-bench-dp.json`` (the database's) as it is measured and skipped when the script
+runs again (``--redo`` measures again), so a run can be stopped and resumed, and the FIT columns
+can be measured while a database is still being built (``--columns fit``), or beside the DP
+columns (``--columns dp``) in another process.
 
 Usage:
     python benchmarks/fitcompress.py --models digits-cnn
@@ -36,7 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -58,21 +60,31 @@ def reach16_space():
 
 
 class Cells:
-    """The measured cells of one model, on disk as they come."""
+    """The measured cells of one model, on disk as they come: the FITCompress columns in one file,
+    the database's in another, so that the two can be measured by two processes at once."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.doc: Dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    def __init__(self, directory: Path):
+        self.paths = {"fit": directory / "fitcompress-bench.json", "dp": directory / "fitcompress-bench-dp.json"}
+
+    def _read(self, group: str) -> Dict[str, Any]:
+        p = self.paths[group]
+        return json.loads(p.read_text()) if p.exists() else {}
+
+    @staticmethod
+    def group(col: str) -> str:
+        return "dp" if col.startswith("dp") or col in ("uniform", "fit_scores", "loss_scores") else "fit"
 
     def get(self, goal: str, col: str) -> Optional[Dict[str, Any]]:
-        return self.doc.get(goal, {}).get(col)
+        return self._read(self.group(col)).get(goal, {}).get(col)
 
     def put(self, goal: str, col: str, value: Dict[str, Any]) -> None:
-        self.doc.setdefault(goal, {})[col] = value
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=self.path.parent)
+        group = self.group(col)
+        doc = self._read(group)
+        doc.setdefault(goal, {})[col] = value
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=self.paths[group].parent)
         with os.fdopen(fd, "w") as f:
-            json.dump(self.doc, f, indent=1)
-        os.replace(tmp, self.path)
+            json.dump(doc, f, indent=1)
+        os.replace(tmp, self.paths[group])
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -117,7 +129,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name in [m for m in args.models.split(",") if m]:
         space_name = SPACES[name]
         dbdir = root / f"{name}-{space_name}"
-        cells = Cells(dbdir / "fitcompress-bench.json") if dbdir.exists() else None
+        cells = Cells(dbdir) if dbdir.exists() else None
         if not args.table:
             from obcompress.zoo.registry import ZOO
 
@@ -128,7 +140,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 build_database(entry.model, entry.calibration, dbdir, space, num_calibration_samples=SAMPLES[name],
                                ignore=ignore, progress=args.progress)
             dbdir.mkdir(parents=True, exist_ok=True)
-            cells = Cells(dbdir / "fitcompress-bench.json")
+            cells = Cells(dbdir)
             measure(name, entry, dbdir, cells, goals, columns, args)
         if cells is not None:
             emit(table(name, cells, goals, args.finetune_epochs))
