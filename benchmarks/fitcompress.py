@@ -72,7 +72,8 @@ class Cells:
 
     @staticmethod
     def group(col: str) -> str:
-        return "dp" if col.startswith("dp") or col in ("uniform", "fit_scores", "loss_scores") else "fit"
+        return "dp" if col.startswith("dp") or col in ("uniform", "fit_scores", "loss_scores", "score_agreement") \
+            else "fit"
 
     def get(self, goal: str, col: str) -> Optional[Dict[str, Any]]:
         return self._read(self.group(col)).get(goal, {}).get(col)
@@ -207,6 +208,7 @@ def measure(name: str, entry, dbdir: Path, cells: Cells, goals: List[str], colum
     t = time.perf_counter()
     layer_loss_scores(db, entry.model, entry.calibration, num_samples=args.loss_samples, progress=args.progress)
     cells.put("_", "loss_scores", {"seconds": time.perf_counter() - t, "samples": args.loss_samples})
+    cells.put("_", "score_agreement", score_agreement(db, kind, SCORE_CALIBRATION))
     batches = calibration_batches(entry.calibration, samples)
     stitch = _Stitcher(db, entry.model)
 
@@ -249,6 +251,24 @@ def measure(name: str, entry, dbdir: Path, cells: Cells, goals: List[str], colum
         stitch.restore()
 
 
+def score_agreement(db, fit_kind: str, loss_kind: str) -> Dict[str, Any]:
+    """How well the DP's additive scores rank the single-layer swaps the way their measured
+    calibration loss does: Spearman's rho over every (layer, compressed variant), of the error and
+    of the FIT score against the calibration loss."""
+    import numpy as np
+
+    rows = [(rec["error"], rec[fit_kind], rec[loss_kind]) for e in db.layers.values()
+            for key, rec in e.variants.items() if key != "dense" and fit_kind in rec and loss_kind in rec
+            and all(np.isfinite([rec["error"], rec[fit_kind], rec[loss_kind]]))]
+    a = np.array(rows)
+
+    def rho(x, y):
+        rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+        return float(np.corrcoef(rx, ry)[0, 1])
+
+    return {"pairs": len(rows), "error_vs_loss": rho(a[:, 0], a[:, 2]), "fit_vs_loss": rho(a[:, 1], a[:, 2])}
+
+
 def table(name: str, cells: Cells, goals: List[str], ft: int) -> str:
     dense = cells.get("_", "dense")
     if dense is None:
@@ -284,6 +304,10 @@ def table(name: str, cells: Cells, goals: List[str], ft: int) -> str:
                      f"{cell(cells.get(g, 'dp-fit'), True)} | {cell(cells.get(g, 'uniform'))} | "
                      f"{a.get('reduction', float('nan')):.2f}x | {a.get('steps', '')} | "
                      f"{a.get('search_seconds', float('nan')):.0f} |")
+    agree = cells.get("_", "score_agreement")
+    if agree:
+        lines += ["", f"Rank agreement with the calibration-loss score over {agree['pairs']} single-layer swaps "
+                      f"(Spearman): error {agree['error_vs_loss']:.3f}, fit {agree['fit_vs_loss']:.3f}."]
     return "\n".join(lines) + "\n"
 
 
