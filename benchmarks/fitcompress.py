@@ -1,16 +1,28 @@
-"""FITCompress benchmark: (a) RTN + FIT mask, (b) the FIT configuration through the OBC solvers,
-the DP over the OBC database, and the best uniform setting, at size goals of 1/8, 1/12, 1/16.
---finetune-epochs E adds a column: (a) after the paper's short straight-through fine-tune on the
-labelled calibration data. One Fisher is estimated per model and used for every goal.
+"""FITCompress benchmark: FITCompress as defined, applied by round to nearest (a), (a) after a short
+fine-tune, and through the OBC solvers (b); beside it the DP over the OBC database with three scores
+(the normalised layer error, the calibration loss of single-layer swaps, and FIT: sum F (theta -
+theta_hat)^2 of each variant's weights) and the best uniform setting, at size goals 1/8, 1/12,
+1/16 and BOPs goals 1/8, 1/12. One table per model.
 
-The Fisher is estimated on the calibration inputs labelled by the dense model's own top-1 (the
-zoo's calibration sets carry no labels); the path is a beam of width 1 (the reference's greedy)
-unless --search astar. The DP and uniform rows use the database benchmarks/nonuniform.py builds
-(same --db-root and --space); it is built here when missing.
+One Fisher per model (the reference's estimate: 100 batches, one pass at most over the labelled
+calibration data), kept beside the database (``fisher.safetensors``), serves the path's start and
+the FIT scores; the path re-estimates it at every expanded node from 20 batches (the reference's
+approximate mode). The zoo's calibration sets carry no labels: each input is labelled by the dense
+model's top-1; minilm's Fisher is its FisherTask's (the fixed dense classifier's cross-entropy on
+labelled training reviews). BOPs goals are evaluated as costed: every configuration with the
+recipe's 8-bit input quantizers.
+
+Every cell is stored in ``<db>/fitcompress-bench.json`` (the FITCompress columns) or
+``<db>/fitcompress-bench-dp.json`` (the database's) as it is measured and skipped when the script
+runs again (``--redo`` measures again), so a run can be stopped and resumed, and the FIT columns
+can be measured while a database is still being built (``--columns fit``), or beside the DP
+columns (``--columns dp``) in another process.
 
 Usage:
     python benchmarks/fitcompress.py --models digits-cnn
-    python benchmarks/fitcompress.py --models efficientnet-lite0 --threads 2 --markdown out.md
+    python benchmarks/fitcompress.py --models efficientnet-lite0 --columns fit --finetune-epochs 3
+    python benchmarks/fitcompress.py --models efficientnet-lite0 --columns dp
+    python benchmarks/fitcompress.py --models efficientnet-lite0 --table
 """
 
 from __future__ import annotations
@@ -18,30 +30,79 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import json
+import os
 import platform
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
-GOALS = ("size=1/8", "size=1/12", "size=1/16")
+GOALS = ("size=1/8", "size=1/12", "size=1/16", "bops=1/8", "bops=1/12")
+SPACES = {"digits-cnn": "default", "efficientnet-lite0": "default", "minilm": "reach16"}
+SAMPLES = {"digits-cnn": 512, "efficientnet-lite0": 256, "minilm": 128}
+COLUMNS = ("a", "a+ft", "b", "dp-error", "dp-loss", "dp-fit", "uniform")
+
+
+def reach16_space():
+    """benchmarks/nonuniform.py's small space plus 74.58 % sparsity joint with 3 and 2 bits: the
+    small space stops at 15.8x smaller, short of the size 1/16 goal."""
+    from nonuniform import small_space
+
+    from obcompress.search import SearchSpace, Variant, paper_levels
+
+    s = paper_levels(0.99)[13 - 1]
+    return SearchSpace(small_space().variants + (Variant("unstructured", s, 3), Variant("unstructured", s, 2)))
+
+
+class Cells:
+    """The measured cells of one model, on disk as they come: the FITCompress columns in one file,
+    the database's in another, so that the two can be measured by two processes at once."""
+
+    def __init__(self, directory: Path):
+        self.paths = {"fit": directory / "fitcompress-bench.json", "dp": directory / "fitcompress-bench-dp.json"}
+
+    def _read(self, group: str) -> Dict[str, Any]:
+        p = self.paths[group]
+        return json.loads(p.read_text()) if p.exists() else {}
+
+    @staticmethod
+    def group(col: str) -> str:
+        return "dp" if col.startswith("dp") or col in ("uniform", "fit_scores", "loss_scores", "score_agreement") \
+            else "fit"
+
+    def get(self, goal: str, col: str) -> Optional[Dict[str, Any]]:
+        return self._read(self.group(col)).get(goal, {}).get(col)
+
+    def put(self, goal: str, col: str, value: Dict[str, Any]) -> None:
+        group = self.group(col)
+        doc = self._read(group)
+        doc.setdefault(goal, {})[col] = value
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=self.paths[group].parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1)
+        os.replace(tmp, self.paths[group])
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="digits-cnn,efficientnet-lite0")
+    ap.add_argument("--models", default="digits-cnn,efficientnet-lite0,minilm")
     ap.add_argument("--goals", default=",".join(GOALS))
-    ap.add_argument("--space", choices=("default", "small"), default="default")
+    ap.add_argument("--columns", default="fit,dp", help="fit (a, a+ft, b), dp (the DP rows and uniform), or both")
     ap.add_argument("--db-root", default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--search", choices=("beam", "astar"), default="beam")
     ap.add_argument("--beam-width", type=int, default=1)
-    ap.add_argument("--finetune-epochs", type=int, default=0,
-                    help="also report (a) after this many epochs of straight-through fine-tuning")
-    ap.add_argument("--finetune-lr", type=float, default=1e-4)
+    ap.add_argument("--refresh-batches", type=int, default=20)
+    ap.add_argument("--finetune-epochs", type=int, default=3)
+    ap.add_argument("--finetune-lr", type=float, default=1e-3)
+    ap.add_argument("--loss-samples", type=int, default=64, help="calibration samples of the calibration-loss scores")
+    ap.add_argument("--redo", action="store_true", help="measure every cell again")
+    ap.add_argument("--table", action="store_true", help="only print the tables of the cells measured so far")
     ap.add_argument("--markdown", default=None)
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args(argv)
@@ -49,104 +110,205 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(args.threads)
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from nonuniform import small_space
-
     from obcompress.files import cache_dir
     from obcompress.search import default_space
     from obcompress.search.database import build_database
-    from obcompress.search.fit import apply_rtn_fit, empirical_fisher, finetune
-    from obcompress.search.fitcompress import _cross_entropy, labelled_batches, run_fitcompress
-    from obcompress.search.nonuniform import _Stitcher, best_uniform, parse_goal, select_dp
-    from obcompress.search.sweep import main_metric
-    from obcompress.zoo.registry import ZOO
 
     root = Path(args.db_root) if args.db_root else cache_dir() / "databases"
-    space = default_space() if args.space == "default" else small_space()
     md = Path(args.markdown) if args.markdown else None
-    lines = []
+    columns = {c for c in args.columns.split(",") if c}
 
     def emit(text: str) -> None:
         print(text, flush=True)
-        lines.append(text)
         if md:
             with md.open("a") as f:
                 f.write(text + "\n")
 
     emit(f"\n## fitcompress run of {datetime.datetime.now().isoformat(timespec='seconds')} "
          f"({platform.node()}, {torch.get_num_threads()} threads)\n\n`{shlex.join([sys.executable] + sys.argv)}`\n")
+    goals = [g for g in args.goals.split(",") if g]
     for name in [m for m in args.models.split(",") if m]:
-        entry = ZOO[name]()
-        samples = {"digits-cnn": 512, "efficientnet-lite0": 256, "minilm": 128}[name]
-        t0 = time.perf_counter()
-        ignore = ["re:pooler\\..*"] if name == "minilm" else []  # as benchmarks/nonuniform.py builds it
-        db = build_database(entry.model, entry.calibration, root / f"{name}-{args.space}", space,
-                            num_calibration_samples=samples, ignore=ignore, progress=args.progress)
-        db_wall = time.perf_counter() - t0
-        dense = entry.evaluate(entry.model)
-        metric = main_metric(dense)
+        space_name = SPACES[name]
+        dbdir = root / f"{name}-{space_name}"
+        cells = Cells(dbdir) if dbdir.exists() else None
+        if not args.table:
+            from obcompress.zoo.registry import ZOO
 
-        def cell(m, metric=metric):
-            # minilm: the cosine to the dense embeddings beside the fixed classifier's accuracy.
-            return f"{100 * m[metric]:.1f}" + (f" / cos {m['cosine_mean']:.3f}" if "cosine_mean" in m else "")
-        emit(f"### {name}\n\ndense {metric} {100 * dense[metric]:.1f}; database {len(db.layers)} layers, "
-             f"{db.nbytes / 2**20:.1f} MiB, {db.build_seconds:.0f} s to build (this call {db_wall:.0f} s)\n")
-        ft = args.finetune_epochs
-        emit("| goal | (a) RTN + FIT mask | " + (f"(a) + {ft}-epoch fine-tune | " if ft else "") +
-             "(b) FIT config + OBC | DP over OBC database | best uniform | FIT reached | path s | "
-             "(b) compress s | DP s |" + (" fine-tune s |" if ft else ""))
-        emit("|---" * (9 + 2 * bool(ft)) + "|")
-        stitch = _Stitcher(db, entry.model)
-        # minilm's embeddings have no loss: its Fisher sees the fixed dense classifier's cross-entropy
-        # on labelled training reviews (the zoo's FisherTask); the others their own logits.
-        task = entry.fisher_task() if entry.fisher_task is not None else None
-        fmodel, fdata, fevaluate = (task.model, task.data, task.evaluate) if task else entry[:3]
-        # One Fisher for every goal (it depends on the model and data only).
-        t = time.perf_counter()
-        labelled = labelled_batches(fmodel, fdata, samples)
-        # Up to every labelled batch once (minilm's are single reviews: 64 batches would be half of them).
-        fisher = empirical_fisher(fmodel, labelled, _cross_entropy, layers=task.targets if task else None,
-                                  max_batches=max(64, len(labelled)))
-        emit(f"Fisher: {time.perf_counter() - t:.1f} s, {fisher.batches} batches of the labelled calibration data "
-             f"({fisher.samples} samples, converged: {fisher.converged}), used for every goal\n")
-        for g in [x for x in args.goals.split(",") if x]:
-            r = run_fitcompress(fmodel, fdata, g, evaluate=fevaluate, apply=("rtn", "obc"),
+            entry = ZOO[name]()
+            if "dp" in columns:
+                space = default_space() if space_name == "default" else reach16_space()
+                ignore = ["re:pooler\\..*"] if name == "minilm" else []  # as benchmarks/nonuniform.py builds it
+                build_database(entry.model, entry.calibration, dbdir, space, num_calibration_samples=SAMPLES[name],
+                               ignore=ignore, progress=args.progress)
+            dbdir.mkdir(parents=True, exist_ok=True)
+            cells = Cells(dbdir)
+            measure(name, entry, dbdir, cells, goals, columns, args)
+        if cells is not None:
+            emit(table(name, cells, goals, args.finetune_epochs))
+    return 0
+
+
+def measure(name: str, entry, dbdir: Path, cells: Cells, goals: List[str], columns, args) -> None:
+    from obcompress.model.calibration import calibration_batches
+    from obcompress.search.database import load_database
+    from obcompress.search.fit_apply import apply_path_rtn, finetune
+    from obcompress.search.fit_score import fit_scores
+    from obcompress.search.fitcompress import (FISHER_FILE, cached_fisher, cross_entropy, labelled_batches,
+                                               run_fitcompress)
+    from obcompress.search.nonuniform import SCORE_CALIBRATION, _Stitcher, best_uniform, layer_loss_scores
+    from obcompress.search.nonuniform import parse_goal, select_dp
+    from obcompress.search.sweep import attach_recipe_activations, main_metric
+
+    samples = SAMPLES[name]
+    task = entry.fisher_task() if entry.fisher_task is not None else None
+    fmodel, fdata, fevaluate = (task.model, task.data, task.evaluate) if task else entry[:3]
+    targets, prefix = (task.targets, task.prefix) if task else (None, "")
+    labelled = labelled_batches(fmodel, fdata, samples)
+    t = time.perf_counter()
+    fisher, hit = cached_fisher(dbdir / FISHER_FILE, fmodel, labelled, loss_fn=cross_entropy, targets=targets)
+    cells.put("_", "fisher", {"seconds": None if hit else time.perf_counter() - t, "batches": fisher.batches,
+                              "samples": fisher.samples})
+    dense = cells.get("_", "dense") or {"metrics": entry.evaluate(entry.model)}
+    cells.put("_", "dense", dense)
+    metric = main_metric(dense["metrics"])
+
+    def todo(goal: str, col: str) -> bool:
+        return args.redo or cells.get(goal, col) is None
+
+    for g in goals:
+        goal = parse_goal(g, **({"activation_bits": 8} if g.startswith("bops") else {}))
+        act = 8 if goal.cost.name == "bops" else None
+        if "fit" in columns and (todo(g, "a") or todo(g, "b") or todo(g, "a+ft")):
+            r = run_fitcompress(fmodel, fdata, goal, evaluate=fevaluate, apply=("rtn", "obc"), fisher=fisher,
                                 num_calibration_samples=samples, mode=args.search, beam_width=args.beam_width,
-                                progress=args.progress, fisher=fisher)
-            res = r["results"]
-            ft_cells = ""
-            if ft:
+                                refresh_batches=args.refresh_batches, activation_bits=act, progress=args.progress)
+            p = r["path"]
+            info = {"reduction": p.reduction, "steps": len(p.path) - 1, "search_seconds": r["search_seconds"],
+                    "level": p.info["level"], "bits": {n: v.bits for n, v in p.choice.items()},
+                    "sparsity": {n: v.sparsity for n, v in p.choice.items()}, "g": p.g, "fit": p.fit}
+            cells.put(g, "a", {"metrics": r["results"]["rtn"]["metrics"], **info})
+            cells.put(g, "b", {"metrics": r["results"]["obc"]["metrics"], "seconds": r["results"]["obc"]["seconds"],
+                               "reduction": p.reduction})
+            if args.finetune_epochs:
                 m = copy.deepcopy(fmodel)
                 t = time.perf_counter()
-                masks, grids = apply_rtn_fit(m, r["path"].choice, fisher)
-                finetune(m, labelled, _cross_entropy, masks, grids, epochs=ft, lr=args.finetune_lr)
-                ft_s = time.perf_counter() - t
-                ft_cells = f"{cell(fevaluate(m))} | "
+                masks, grids = apply_path_rtn(m, p)
+                finetune(m, labelled, cross_entropy, masks, grids, epochs=args.finetune_epochs, lr=args.finetune_lr)
+                if act:
+                    attach_recipe_activations(m, p.recipe(activation_bits=act), [x for x, _ in labelled])
+                cells.put(g, "a+ft", {"metrics": fevaluate(m), "seconds": time.perf_counter() - t,
+                                      "epochs": args.finetune_epochs, "lr": args.finetune_lr})
                 del m
-            goal = parse_goal(g)
-            t = time.perf_counter()
-            try:
-                dp = select_dp(db, goal)
-            except ValueError as e:  # the database's space cannot reach this goal
-                dp, why = None, str(e).split(": ")[-1]
-            dp_s = time.perf_counter() - t
-            if dp is not None:
-                stitch.set(dp.choice)
-                dp_m = entry.evaluate(entry.model)
-                best_u, best_v = None, ""
-                for u in best_uniform(db, goal, top=3):
-                    stitch.set(u.choice)
-                    um = entry.evaluate(entry.model)
-                    if best_u is None or um[metric] > best_u[metric]:
-                        best_u, best_v = um, u.info["variant"]
-                stitch.restore()
-                dp_cells = f"{cell(dp_m)} ({dp.reduction:.2f}x) | {cell(best_u)} ({best_v})"
-            else:
-                dp_cells = f"unreachable ({why}) | unreachable"
-            emit(f"| {g} | {cell(res['rtn']['metrics'])} | {ft_cells}{cell(res['obc']['metrics'])} | "
-                 f"{dp_cells} | {r['path'].reduction:.2f}x | {r['search_seconds']:.2f} | "
-                 f"{res['obc']['seconds']:.1f} | {dp_s:.2f} |" + (f" {ft_s:.1f} |" if ft else ""))
-        emit("")
-    return 0
+    if "dp" not in columns:
+        return
+    db = load_database(dbdir, entry.model)
+    t = time.perf_counter()
+    kind = fit_scores(db, entry.model, fisher, prefix=prefix, progress=args.progress)
+    cells.put("_", "fit_scores", {"kind": kind, "seconds": time.perf_counter() - t})
+    t = time.perf_counter()
+    layer_loss_scores(db, entry.model, entry.calibration, num_samples=args.loss_samples, progress=args.progress)
+    cells.put("_", "loss_scores", {"seconds": time.perf_counter() - t, "samples": args.loss_samples})
+    cells.put("_", "score_agreement", score_agreement(db, kind, SCORE_CALIBRATION))
+    batches = calibration_batches(entry.calibration, samples)
+    stitch = _Stitcher(db, entry.model)
+
+    def evaluate_choice(choice, act) -> Dict[str, float]:
+        stitch.set(choice)
+        hooks = attach_recipe_activations(entry.model, db.recipe(choice, activation_bits=act), batches) if act else None
+        try:
+            return entry.evaluate(entry.model)
+        finally:
+            if hooks is not None:
+                hooks.remove()
+
+    try:
+        for g in goals:
+            goal = parse_goal(g, **({"activation_bits": 8} if g.startswith("bops") else {}))
+            act = 8 if goal.cost.name == "bops" else None
+            for col, score in (("dp-error", "error"), ("dp-loss", SCORE_CALIBRATION), ("dp-fit", kind)):
+                if not todo(g, col):
+                    continue
+                try:
+                    cfg = select_dp(db, goal, score=score)
+                except ValueError as e:  # the database's space cannot reach this goal
+                    cells.put(g, col, {"unreachable": str(e).split(": ")[-1]})
+                    continue
+                cells.put(g, col, {"metrics": evaluate_choice(cfg.choice, act), "reduction": cfg.reduction,
+                                   "seconds": cfg.info["seconds"]})
+            if todo(g, "uniform"):
+                try:
+                    cands = best_uniform(db, goal, top=3)
+                except ValueError as e:
+                    cells.put(g, "uniform", {"unreachable": str(e).split(": ")[-1]})
+                    continue
+                best = None
+                for u in cands:
+                    m = evaluate_choice(u.choice, act)
+                    if best is None or m[metric] > best["metrics"][metric]:
+                        best = {"metrics": m, "variant": u.info["variant"], "reduction": u.reduction}
+                cells.put(g, "uniform", best)
+    finally:
+        stitch.restore()
+
+
+def score_agreement(db, fit_kind: str, loss_kind: str) -> Dict[str, Any]:
+    """How well the DP's additive scores rank the single-layer swaps the way their measured
+    calibration loss does: Spearman's rho over every (layer, compressed variant), of the error and
+    of the FIT score against the calibration loss."""
+    import numpy as np
+
+    rows = [(rec["error"], rec[fit_kind], rec[loss_kind]) for e in db.layers.values()
+            for key, rec in e.variants.items() if key != "dense" and fit_kind in rec and loss_kind in rec
+            and all(np.isfinite([rec["error"], rec[fit_kind], rec[loss_kind]]))]
+    a = np.array(rows)
+
+    def rho(x, y):
+        rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+        return float(np.corrcoef(rx, ry)[0, 1])
+
+    return {"pairs": len(rows), "error_vs_loss": rho(a[:, 0], a[:, 2]), "fit_vs_loss": rho(a[:, 1], a[:, 2])}
+
+
+def table(name: str, cells: Cells, goals: List[str], ft: int) -> str:
+    dense = cells.get("_", "dense")
+    if dense is None:
+        return f"### {name}\n\nnothing measured yet\n"
+    from obcompress.search.sweep import main_metric
+
+    metric = main_metric(dense["metrics"])
+
+    def cell(c: Optional[Dict[str, Any]], reduction: bool = False) -> str:
+        if c is None:
+            return "not run"
+        if "unreachable" in c:
+            return "unreachable"
+        m = c["metrics"]
+        text = f"{100 * m[metric]:.1f}" + (f" / {m['cosine_mean']:.3f}" if "cosine_mean" in m else "")
+        if c.get("variant"):
+            text += f" ({c['variant']})"
+        elif reduction and "reduction" in c:
+            text += f" ({c['reduction']:.2f}x)"
+        return text
+
+    fisher = cells.get("_", "fisher") or {}
+    what = f"{metric}" + (" / cosine to dense" if "cosine_mean" in dense["metrics"] else "")
+    lines = [f"### {name}", "",
+             f"dense {cell(dense)} ({what}); Fisher: {fisher.get('batches')} batches, {fisher.get('samples')} samples",
+             "", f"| goal | (a) FITCompress, RTN | (a) + {ft}-epoch fine-tune | (b) FITCompress config + OBC | "
+                 "DP, error | DP, calibration loss | DP, fit | best uniform | FITCompress reached | steps | path s |",
+             "|---" * 11 + "|"]
+    for g in goals:
+        a = cells.get(g, "a") or {}
+        lines.append(f"| {g} | {cell(cells.get(g, 'a'))} | {cell(cells.get(g, 'a+ft'))} | {cell(cells.get(g, 'b'))} | "
+                     f"{cell(cells.get(g, 'dp-error'), True)} | {cell(cells.get(g, 'dp-loss'), True)} | "
+                     f"{cell(cells.get(g, 'dp-fit'), True)} | {cell(cells.get(g, 'uniform'))} | "
+                     f"{a.get('reduction', float('nan')):.2f}x | {a.get('steps', '')} | "
+                     f"{a.get('search_seconds', float('nan')):.0f} |")
+    agree = cells.get("_", "score_agreement")
+    if agree:
+        lines += ["", f"Rank agreement with the calibration-loss score over {agree['pairs']} single-layer swaps "
+                      f"(Spearman): error {agree['error_vs_loss']:.3f}, fit {agree['fit_vs_loss']:.3f}."]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

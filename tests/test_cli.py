@@ -59,6 +59,13 @@ def test_search_build_resume_select_sweep_report(cache, capsys):
     assert main(["search", "select", *args, "--goal", "bops=1/5", "--score", "calibration_loss",
                  "--out", str(cache / "r2.yaml")]) == 0
     assert "calibration-loss scores of 8 single-layer swaps" in capsys.readouterr().out
+    # FIT as the DP's score: the Fisher `search fit --db` keeps beside the database.
+    assert main(["search", "fit", "--model", "digits-cnn", "--goal", "size=1/8", "--out", str(cache / "fit"),
+                 "--db", str(db), "--calibration-samples", "128", "--apply", "none", "--no-progress"]) == 0
+    assert "estimated and kept in" in capsys.readouterr().out
+    assert main(["search", "select", *args, "--goal", "bops=1/5", "--score", "fit", "--out", str(cache / "r3.yaml")]) == 0
+    assert "Fisher read from" in capsys.readouterr().out and (db / "fisher.safetensors").exists()
+    assert list(db.glob("scores_fit_*.json"))
     # the written recipe is one that compress takes as it is
     assert main(["compress", "--model", "digits-cnn", "--recipe", str(recipe), "--out", str(cache / "art"),
                  "--calibration-samples", "128", "--no-progress"]) == 0
@@ -131,7 +138,7 @@ def test_search_fit_writes_recipe_and_path(cache, capsys):
     with pytest.raises(SystemExit) as e:
         main(["search", "fit", "--model", "digits-cnn", "--goal", "size=1/1000", "--out", str(out), "--apply", "none",
               "--fisher-batches", "2"])
-    assert e.value.code == 2 and "least achievable" in capsys.readouterr().err
+    assert e.value.code == 2 and "cannot be reached" in capsys.readouterr().err
 
 
 _EMBEDDER = '''

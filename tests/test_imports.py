@@ -31,10 +31,7 @@ ALLOWED = {
     "demo": {"api", "checks", "formats", "model", "recipe", "solvers", "zoo"},
 }
 # Known exceptions, each with the work that removes it.
-PENDING_PRIVATE = {
-    # issue 15 splits search/fit.py; its modules import the public solvers.num_pruned
-    "obcompress.search.fit: from obcompress.solvers._common import num_pruned",
-}
+PENDING_PRIVATE = set()
 
 
 def _modules():

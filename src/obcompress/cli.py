@@ -390,9 +390,13 @@ def _search_parser(sub) -> None:
                    help="dp (bucketed), exact (MILP), spdy, or the best uniform setting by score")
     c.add_argument("--out", required=True, metavar="FILE", help="recipe YAML to write")
     c.add_argument("--eval", action="store_true", help="evaluate the chosen configuration (stitched from the database)")
-    c.add_argument("--score", choices=("error", "loss", "calibration_loss"), default="error",
-                   help="per-layer score the DP sums: error (normalised layer error, default), loss (layer "
-                        "loss), calibration_loss (single-layer swaps, from `obcompress search scores`)")
+    c.add_argument("--score", choices=("error", "loss", "calibration_loss", "fit"), default="error",
+                   help="per-layer score the DP (and SPDY) sums: error (normalised layer error, default), loss "
+                        "(layer loss), calibration_loss (single-layer swaps, from `obcompress search scores`), fit "
+                        "(sum F (theta - theta_hat)^2 of each variant's weights, the Fisher of `search fit --db`, "
+                        "estimated and kept beside the database when missing)")
+    c.add_argument("--fisher-batches", type=int, default=100, metavar="N",
+                   help="with --score fit: batches for the Fisher (as `search fit`; one pass at most)")
     goal_args(c)
 
     sc = ss.add_parser("scores", help="measure the calibration-loss increase of each single-layer swap",
@@ -405,15 +409,19 @@ def _search_parser(sub) -> None:
 
     fp = ss.add_parser("fit", help="FITCompress: Fisher-guided path planning to a size or BOPs goal",
                        description="Estimate the empirical Fisher on the calibration data (labelled by the dense "
-                                   "model's own predictions when the data has no labels), plan a path through "
-                                   "per-layer bits and a global FIT-importance sparsity to the goal, write the "
+                                   "model's own predictions when the data has no labels), plan FITCompress's path "
+                                   "through per-layer bits and a global FIT-importance mask to the goal (its "
+                                   "authors' path cost, heuristic, per-node masks and Fisher refresh), write the "
                                    "per-layer recipe and the path (fit_path.json, fit_path.png).")
     fp.add_argument("--model", required=True, metavar="M", help="zoo name or path/to/file.py:factory")
     fp.add_argument("--goal", required=True, metavar="COST=FRACTION", help="e.g. size=1/12 or bops=1/8")
     fp.add_argument("--out", required=True, metavar="DIR", help="directory for recipe.yaml and the path report")
     fp.add_argument("--calibration-samples", type=int, default=256, metavar="N", help=_CALIBRATION_HELP)
+    fp.add_argument("--planner", choices=("fitcompress", "telescoping"), default="fitcompress",
+                    help="fitcompress (as its authors define it, default) or telescoping (the variant whose A* is "
+                         "exact with --lam 0: FIT noise of configurations, masks ranked once)")
     fp.add_argument("--search", choices=("beam", "astar"), default="beam",
-                    help="beam (width --beam-width; 1 = the reference's greedy) or a true A* (exact for --lam 0)")
+                    help="beam (width --beam-width; 1 = the reference's greedy walk, default) or a true A*")
     fp.add_argument("--beam-width", type=int, default=1, metavar="K",
                     help="nodes kept per step of the beam search (default 1: greedy)")
     fp.add_argument("--lam", type=float, default=1.0, help="weight of the distance-to-goal heuristic (default 1)")
@@ -425,11 +433,14 @@ def _search_parser(sub) -> None:
     fp.add_argument("--finetune-lr", type=float, default=1e-4, metavar="LR",
                     help="Adam learning rate of the fine-tune (default 1e-4; a few epochs on calibration data "
                          "may need 1e-3 to move weights across grid points)")
-    fp.add_argument("--fisher-batches", type=int, default=64, metavar="N",
-                    help="at most N batches for the Fisher (it stops earlier once its traces converge)")
-    fp.add_argument("--refresh-batches", type=int, default=0, metavar="N",
-                    help="re-estimate the Fisher at every expanded node from N batches (the reference's "
-                         "approximate mode; default 0: one Fisher for the whole path)")
+    fp.add_argument("--fisher-batches", type=int, default=100, metavar="N",
+                    help="batches for the Fisher (the reference's 100; one pass at most over the data)")
+    fp.add_argument("--refresh-batches", type=int, default=20, metavar="N",
+                    help="re-estimate the Fisher at every expanded node from N batches (the reference's approximate "
+                         "mode, 20; one pass at most); 0: one Fisher for the whole path")
+    fp.add_argument("--db", metavar="DIR", default=None,
+                    help="keep the Fisher beside this database (DIR/fisher.safetensors), reused when the weights, "
+                         "data and settings are the same; `search select --score fit` reads it")
     fp.add_argument("--activation-bits", type=int, default=8, metavar="B",
                     help="activation width the BOPs cost assumes for quantized layers (default 8)")
     fp.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -504,13 +515,16 @@ def _search(args, parser) -> int:
         # Dense statistics (statcorr) only where a candidate is corrected; the model is still dense here.
         need = args.eval or args.method == "spdy"
         fix = make_correction(args.correction if need else "none", batches, entry.model)
+        score = args.score
+        if score == "fit":
+            score = _fit_score(args, entry, db, progress)
         if args.method == "uniform":
             cfg = best_uniform(db, goal)[0]
         elif args.method == "spdy":
             cfg = spdy(db, entry.model, batches, goal, num_samples=args.spdy_samples, restarts=args.spdy_restarts,
-                       steps=args.spdy_steps, correction=fix, progress=progress)
+                       steps=args.spdy_steps, correction=fix, progress=progress, score=score)
         else:
-            cfg = select_dp(db, goal, buckets=args.buckets, exact=args.method == "exact", score=args.score)
+            cfg = select_dp(db, goal, buckets=args.buckets, exact=args.method == "exact", score=score)
         recipe = cfg.recipe(db, activation_bits=act if goal.cost.name == "bops" else None)
         if args.correction in RECIPE_CORRECTIONS:
             recipe["corrections"] = dict(RECIPE_CORRECTIONS[args.correction])
@@ -523,7 +537,7 @@ def _search(args, parser) -> int:
                    + yaml.safe_dump(recipe, sort_keys=False))
         print(f"{'layer':<40} {'variant':>14} {'score':>10}")
         for n, v in cfg.choice.items():
-            kind = args.score if args.method in ("dp", "exact") else "error"
+            kind = score if args.method in ("dp", "exact", "spdy") else "error"
             print(f"{n:<40} {v.key:>14} {db.layers[n].score(v.key, kind):>10.4g}")
         print(f"{cfg.method}: {goal.cost.name} {cfg.cost:.4g} of dense {cfg.dense_cost:.4g} ({cfg.reduction:.2f}x), "
               f"total score {cfg.score:.4g}; recipe written to {args.out}")
@@ -545,34 +559,66 @@ def _search(args, parser) -> int:
     return 0
 
 
+def _fisher_task(entry):
+    """(model, labelled data or calibration data, evaluate, targets, prefix) for the Fisher: the
+    entry's own, or its FisherTask's (a model without logits, minilm's)."""
+    from obcompress.zoo.registry import FisherTask
+
+    task = entry.fisher_task() if entry.fisher_task is not None else None
+    if task is not None and not isinstance(task, FisherTask):
+        raise ValueError(f"the model's fisher task must be a FisherTask, got {type(task).__name__}")
+    if task is None:
+        return entry.model, entry.calibration, entry.evaluate, None, ""
+    return task.model, task.data, task.evaluate, task.targets, task.prefix
+
+
+def _fit_score(args, entry, db, progress) -> str:
+    """The database score of `select --score fit`: FIT scores under the Fisher kept beside it."""
+    from pathlib import Path
+
+    from obcompress.search.fit_score import fit_scores
+    from obcompress.search.fitcompress import FISHER_FILE, cached_fisher, labelled_batches
+
+    model, data, _, targets, prefix = _fisher_task(entry)
+    labelled = labelled_batches(model, data, args.calibration_samples)
+    fisher, hit = cached_fisher(Path(args.db) / FISHER_FILE, model, labelled, targets=targets,
+                                batches=args.fisher_batches)
+    print(f"Fisher {'read from' if hit else 'estimated and kept in'} {Path(args.db) / FISHER_FILE} "
+          f"({fisher.batches} batches)")
+    return fit_scores(db, entry.model, fisher, prefix=prefix, progress=progress)
+
+
 def _search_fit(args, entry, progress) -> int:
     from pathlib import Path
 
     import yaml
 
-    from obcompress.search.fitcompress import run_fitcompress, write_path_report
-    from obcompress.zoo.registry import FisherTask
+    from obcompress.search.fitcompress import FISHER_FILE, cached_fisher, labelled_batches, run_fitcompress
+    from obcompress.search.fitcompress import write_path_report
 
     apply = {"none": (), "obc": ("obc",), "rtn": ("rtn",), "both": ("rtn", "obc")}[args.apply]
     act = args.activation_bits or None
     # A model without logits of its own (minilm's embeddings) brings its task: a head, labels, targets.
-    task = entry.fisher_task() if entry.fisher_task is not None else None
-    if task is not None and not isinstance(task, FisherTask):
-        raise ValueError(f"the model's fisher task must be a FisherTask, got {type(task).__name__}")
-    model, data, evaluate = (task.model, task.data, task.evaluate) if task else entry[:3]
+    model, data, evaluate, targets, prefix = _fisher_task(entry)
     dense = evaluate(model) if apply else None
-    r = run_fitcompress(model, data, args.goal, evaluate=evaluate, apply=apply, targets=task.targets if task else None,
-                        num_calibration_samples=args.calibration_samples, mode=args.search,
-                        beam_width=args.beam_width, lam=args.lam, finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
-                        progress=progress, activation_bits=act, refresh_batches=args.refresh_batches,
-                        max_batches=args.fisher_batches, min_batches=min(4, args.fisher_batches))
+    fisher = None
+    if args.db:
+        labelled = labelled_batches(model, data, args.calibration_samples)
+        fisher, hit = cached_fisher(Path(args.db) / FISHER_FILE, model, labelled, targets=targets,
+                                    batches=args.fisher_batches)
+        print(f"Fisher {'read from' if hit else 'estimated and kept in'} {Path(args.db) / FISHER_FILE}")
+    r = run_fitcompress(model, data, args.goal, evaluate=evaluate, apply=apply, targets=targets, fisher=fisher,
+                        num_calibration_samples=args.calibration_samples, planner=args.planner, mode=args.search,
+                        beam_width=args.beam_width, lam=args.lam, finetune_epochs=args.finetune_epochs,
+                        finetune_lr=args.finetune_lr, progress=progress, activation_bits=act,
+                        refresh_batches=args.refresh_batches, fisher_batches=args.fisher_batches)
     path = r["path"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     recipe = path.recipe(activation_bits=act if path.goal.cost.name == "bops" else None)
-    if task is not None and task.prefix:
+    if prefix:
         # Named as in the entry's own model, so that `obcompress compress --model M` applies it.
-        cut = len(task.prefix)
+        cut = len(prefix)
         recipe["targets"] = [n[cut:] for n in recipe["targets"]]
         recipe["layers"] = {n[cut:]: v for n, v in recipe["layers"].items()}
     # The goal counts the searched layers only: the whole model's figure beside it, costed on the
@@ -580,7 +626,7 @@ def _search_fit(args, entry, progress) -> int:
     from obcompress.model.calibration import calibration_batches
     from obcompress.search.whole_model import WholeModel
 
-    cut = len(task.prefix) if task is not None else 0
+    cut = len(prefix)
     rest = WholeModel(path.goal.cost, entry.model, [n[cut:] for n in path.choice],
                       lambda: calibration_batches(entry.calibration, args.calibration_samples))
     whole = rest.of(path.cost, path.dense_cost)
@@ -592,9 +638,9 @@ def _search_fit(args, entry, progress) -> int:
     print(f"{'layer':<40} {'variant':>14}")
     for n, v in path.choice.items():
         print(f"{n:<40} {v.key:>14}")
-    print(f"FIT {path.fit:.4g} after {len(path.path) - 1} steps ({path.expansions} expansions); "
-          f"{path.goal.cost.name} {path.reduction:.2f}x; Fisher {r['fisher_seconds']:.1f} s "
-          f"({r['fisher_batches']} batches), search {r['search_seconds']:.2f} s")
+    print(f"{path.planner}: FIT {path.fit:.4g} after {len(path.path) - 1} steps ({path.expansions} expansions, "
+          f"path length g {path.g:.4g}); {path.goal.cost.name} {path.reduction:.2f}x; Fisher "
+          f"{r['fisher_seconds']:.1f} s ({r['fisher_batches']} batches), search {r['search_seconds']:.2f} s")
     print(f"{whole.summary()} ({rest.describe()})")
     if dense is not None:
         _print_metrics("dense", dense)

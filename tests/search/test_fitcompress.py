@@ -46,7 +46,8 @@ def test_run_fitcompress_meets_the_goal_and_leaves_the_model_dense(tmp_path):
                         num_calibration_samples=256, progress=False)
     path = r["path"]
     assert path.reduction >= 6 * (1 - 1e-9)
-    assert [s.fit for s in path.path] == sorted(s.fit for s in path.path)  # FIT never falls along the path
+    assert [s.g for s in path.path] == sorted(s.g for s in path.path)  # a path's length never falls
+    assert path.planner == "fitcompress" and path.info["refreshed"]  # the reference's approximate mode
     for how in ("rtn", "obc"):
         assert 0.5 < r["results"][how]["metrics"]["accuracy"] <= 1.0
     # (b) is the OBC solvers on the same configuration: on this easy model it keeps the dense accuracy
@@ -57,11 +58,32 @@ def test_run_fitcompress_meets_the_goal_and_leaves_the_model_dense(tmp_path):
     assert (d / "fit_path.json").exists() and (d / "fit_path.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_refreshed_fisher_path_still_meets_the_goal():
+def test_one_fisher_and_the_telescoping_variant_still_meet_the_goal():
     model, X, y = _model_and_data()
-    r = run_fitcompress(model, list(X.split(64)), "size=1/6", apply=(), num_calibration_samples=256,
-                        refresh_batches=1, progress=False)
-    assert r["path"].reduction >= 6 * (1 - 1e-9) and r["path"].info["refreshed"]
+    r = run_fitcompress(model, list(X.split(64)), "size=1/6", apply=("rtn",), num_calibration_samples=256,
+                        refresh_batches=0, progress=False)
+    assert r["path"].reduction >= 6 * (1 - 1e-9) and not r["path"].info["refreshed"]
+    t = run_fitcompress(model, list(X.split(64)), "size=1/6", apply=("rtn",), num_calibration_samples=256,
+                        planner="telescoping", progress=False)
+    assert t["path"].planner == "telescoping" and t["path"].reduction >= 6 * (1 - 1e-9)
+    with pytest.raises(ValueError, match="planner"):
+        run_fitcompress(model, list(X.split(64)), "size=1/6", apply=(), planner="dp", progress=False)
+
+
+def test_cached_fisher_is_reused_only_for_the_same_weights_and_data(tmp_path):
+    from obcompress.search.fitcompress import cached_fisher
+
+    model, X, y = _model_and_data()
+    data = [(X[i:i + 64], y[i:i + 64]) for i in range(0, 256, 64)]
+    f1, hit1 = cached_fisher(tmp_path / "fisher.safetensors", model, data)
+    f2, hit2 = cached_fisher(tmp_path / "fisher.safetensors", model, data)
+    assert not hit1 and hit2 and all(torch.equal(f1.diag[n], f2.diag[n]) for n in f1.names)
+    assert f1.batches == 4  # the reference's 100 batches, one pass over these four
+    _, hit3 = cached_fisher(tmp_path / "fisher.safetensors", model, data[:2])
+    with torch.no_grad():
+        model[0].weight.add_(0.01)
+    _, hit4 = cached_fisher(tmp_path / "fisher.safetensors", model, data[:2])
+    assert not hit3 and not hit4
 
 
 class _WithIdleLayer(nn.Module):
@@ -91,12 +113,11 @@ def test_targets_leave_out_layers_outside_the_loss():
 
 
 def test_a_given_fisher_is_reused_as_it_is():
-    from obcompress.search.fit import empirical_fisher
-    from obcompress.search.fitcompress import _cross_entropy
+    from obcompress.search.fitcompress import estimate_fisher
 
     model, X, y = _model_and_data()
     data = [(X[i:i + 64], y[i:i + 64]) for i in range(0, 256, 64)]
-    fisher = empirical_fisher(model, data, _cross_entropy)
+    fisher = estimate_fisher(model, data)
     own = run_fitcompress(model, data, "size=1/6", apply=(), num_calibration_samples=256, progress=False)
     given = run_fitcompress(model, data, "size=1/6", apply=(), num_calibration_samples=256, progress=False,
                             fisher=fisher)

@@ -9,8 +9,10 @@ nonuniform   goals, select_dp, SPDY (the DP driven by per-layer sensitivity coef
              on calibration loss), the best uniform setting, single-layer calibration-loss scores
 sweep        accuracy against budget for uniform / DP / SPDY at several goals
 plots        Pareto plots and per-layer charts
-fit          FITCompress: empirical Fisher, the FIT noise model, path planning, applying a path
-fitcompress  run_fitcompress: FIT path planning end to end, and its report
+fisher, fit_score, fit_path, fit_telescoping, fit_apply, fitcompress
+             FIT and FITCompress (``fit`` gathers them): the empirical Fisher, FIT's noise model and
+             the FIT scores of a database, FITCompress's path planning and its telescoping variant,
+             applying a configuration, and the whole run
 """
 
 from .space import LayerGeometry, SearchSpace, Variant, default_space, paper_levels

@@ -1,16 +1,22 @@
 """FITCompress end to end: Fisher from calibration data, path planning to a goal, and the two ways
 of applying the configuration found.
 
+Fisher: the reference's estimate, ``batches * g^2`` per batch over 100 batches (one pass at most
+over a shorter calibration set), and again over 20 at each expanded node (its approximate mode).
+``cached_fisher`` keeps one on disk, keyed by the weights, data and settings it was estimated on:
+``obcompress search fit --db DIR`` and ``search select --score fit`` share ``DIR/fisher.safetensors``.
+
 Labels: the Fisher needs a loss on labelled data. ``labelled_batches`` takes (x, y) batches as they
 are; for unlabelled calibration inputs of a classifier it labels each input with the dense
 model's own top-1 prediction (cross-entropy against the model's own decisions: the loss whose
 increase is the loss of agreement with the dense model), and refuses models whose output is not
 (batch, classes) logits.
 
-Applying a configuration: ``"rtn"`` is the paper's (a): round-to-nearest grids with the
-FIT-importance mask, optionally fine-tuned with masks frozen and straight-through quantization;
-``"obc"`` is ours (b): the per-layer (sparsity, bits) handed to ``compress`` as a recipe, solved by
-the exact OBC solvers, post-training.
+Applying a configuration: ``"rtn"`` is the paper's (a): the path's mask, round to nearest on the
+reference's per-tensor grid (``apply_path_rtn``; the telescoping planner's configurations: FIT
+masks and per-channel grids, ``apply_rtn_fit``), optionally fine-tuned with masks frozen and
+straight-through quantization; ``"obc"`` is ours (b): the per-layer (sparsity, bits) handed to
+``compress`` as a recipe, solved by the exact OBC solvers, post-training.
 """
 
 from __future__ import annotations
@@ -27,10 +33,18 @@ import torch.nn.functional as F
 
 from ..files import write_json
 from ..model.calibration import calibration_batches, run_model, take_samples
-from .fit import Fisher, FitPath, _check_fisher, apply_rtn_fit, empirical_fisher, finetune, plan_path
+from ..model.layers import find_layers
+from .database import calibration_hash, weight_hash
+from .fisher import Fisher, check_fisher, empirical_fisher, load_fisher, save_fisher
+from .fit_apply import apply_path_rtn, apply_rtn_fit, finetune
+from .fit_path import FISHER_BATCHES, REFRESH_BATCHES, FitPath, plan_path
+from .fit_telescoping import plan_telescoping_path
 from .nonuniform import Goal, parse_goal
+from .sweep import attach_recipe_activations
 
-__all__ = ["labelled_batches", "run_fitcompress", "path_plot"]
+__all__ = ["cached_fisher", "estimate_fisher", "labelled_batches", "run_fitcompress", "path_plot", "write_path_report"]
+
+FISHER_FILE = "fisher.safetensors"
 
 
 def _is_labelled(batch: Any) -> bool:
@@ -84,24 +98,69 @@ def _cross_entropy(output, y):
     return F.cross_entropy(output, y)
 
 
+cross_entropy = _cross_entropy
+
+
+def estimate_fisher(model: nn.Module, labelled: Sequence[Tuple[Any, Any]], *, loss_fn: Callable = _cross_entropy,
+                    targets: Union[None, str, Sequence[str]] = None, batches: int = FISHER_BATCHES,
+                    mode: str = "batch") -> Fisher:
+    """The reference's Fisher estimate: ``batches`` batches of labelled data (100 there; one pass at
+    most over a shorter calibration set, since cycling it adds no information)."""
+    n = max(2, int(batches))
+    return empirical_fisher(model, labelled, loss_fn, layers=targets, mode=mode, min_batches=n, max_batches=n,
+                            cycle=False)
+
+
+def _fisher_key(model: nn.Module, names: Sequence[str], labelled, settings: Dict[str, Any]) -> Dict[str, Any]:
+    found = find_layers(model, list(names), ())
+    return {"weights": {n: weight_hash(found[n]) for n in names}, "data": calibration_hash(labelled),
+            "settings": settings}
+
+
+def cached_fisher(path: Union[str, os.PathLike], model: nn.Module, labelled: Sequence[Tuple[Any, Any]], *,
+                  loss_fn: Callable = _cross_entropy, targets: Union[None, str, Sequence[str]] = None,
+                  batches: int = FISHER_BATCHES, mode: str = "batch") -> Tuple[Fisher, bool]:
+    """(the Fisher, whether it came from ``path``): the one saved at ``path`` when it was estimated
+    on these very weights and labelled data with these settings, else a new estimate
+    (``estimate_fisher``), saved there. ``search fit --db DIR`` and ``search select --score fit``
+    share it through ``DIR/fisher.safetensors``."""
+    path = Path(path)
+    settings = {"batches": int(batches), "mode": mode, "loss": getattr(loss_fn, "__name__", "loss")}
+    if path.exists():
+        try:
+            fisher, key = load_fisher(path)
+        except ValueError:
+            fisher, key = None, {}
+        if fisher is not None and key == _fisher_key(model, fisher.names, labelled, settings):
+            return fisher, True
+    fisher = estimate_fisher(model, labelled, loss_fn=loss_fn, targets=targets, batches=batches, mode=mode)
+    save_fisher(fisher, path, _fisher_key(model, fisher.names, labelled, settings))
+    return fisher, False
+
+
 def run_fitcompress(model: nn.Module, data: Iterable, goal: Union[str, Goal], *,
                     evaluate: Optional[Callable[[nn.Module], Dict[str, float]]] = None,
                     apply: Sequence[str] = ("obc",), num_calibration_samples: int = 256,
-                    loss_fn: Callable = _cross_entropy, mode: str = "beam", beam_width: int = 1, lam: float = 1.0,
-                    fisher_mode: str = "batch", min_batches: int = 4, max_batches: int = 64, tol: float = 0.05,
+                    loss_fn: Callable = _cross_entropy, planner: str = "fitcompress", mode: str = "beam",
+                    beam_width: int = 1, lam: float = 1.0, fisher_mode: str = "batch",
+                    fisher_batches: int = FISHER_BATCHES, refresh_batches: int = REFRESH_BATCHES,
                     finetune_epochs: int = 0, finetune_lr: float = 1e-4, progress: bool = True,
-                    activation_bits: Optional[int] = None, refresh_batches: int = 0,
-                    targets: Union[None, str, Sequence[str]] = None, fisher: Optional[Fisher] = None) -> Dict[str, Any]:
+                    activation_bits: Optional[int] = None, targets: Union[None, str, Sequence[str]] = None,
+                    fisher: Optional[Fisher] = None, max_expansions: Optional[int] = None) -> Dict[str, Any]:
     """Fisher, path, and each requested application evaluated on a fresh copy of ``model``.
 
-    ``refresh_batches`` > 0: the reference's approximate mode, the Fisher re-estimated at every
-    expanded node from that many batches, on a copy of the model compressed (RTN + FIT mask) to
-    the node's configuration.
+    ``planner``: ``"fitcompress"`` (``plan_path``, FITCompress as defined) or ``"telescoping"``
+    (``plan_telescoping_path``, the variant). ``refresh_batches`` > 0: the reference's approximate
+    mode, the Fisher re-estimated at every expanded node from that many batches (one pass at most)
+    on a copy of the model holding the node's weights (the telescoping planner: the node's
+    configuration applied by ``apply_rtn_fit``); 0: one Fisher for the whole path.
+    ``fisher_batches``: the first Fisher's batches (100, one pass at most).
 
-    Returns {"path": FitPath, "fisher_seconds", "search_seconds", "results": {apply: {metrics, seconds}}}.
-    ``targets``: the layers to consider, as ``find_layers`` reads them (None: every compressible
-    layer; each must take part in the loss). ``fisher``: one estimated before on this model and data
-    (``empirical_fisher``), reused instead of a new estimate (several goals, one Fisher); its layers
+    Returns {"path": FitPath, "fisher", "fisher_seconds", "search_seconds", "results": {apply:
+    {metrics, seconds}}}. At a BOPs goal with ``activation_bits`` both applications run with the
+    recipe's input quantizers, as the cost counts them. ``targets``: the layers to consider, as ``find_layers`` reads them (None:
+    every compressible layer; each must take part in the loss). ``fisher``: one estimated before on
+    this model and data, reused instead of a new estimate (several goals, one Fisher); its layers
     are the ones considered. ``model`` is left dense.
     """
     import copy
@@ -113,28 +172,46 @@ def run_fitcompress(model: nn.Module, data: Iterable, goal: Union[str, Goal], *,
     bad = [a for a in apply if a not in ("obc", "rtn")]
     if bad:
         raise ValueError(f"apply must be obc and/or rtn, got {bad}")
+    if planner not in ("fitcompress", "telescoping"):
+        raise ValueError(f"planner must be 'fitcompress' (FITCompress as defined) or 'telescoping' (the variant), "
+                         f"got {planner!r}")
+    if isinstance(refresh_batches, bool) or not isinstance(refresh_batches, int) or refresh_batches < 0:
+        raise ValueError(f"refresh_batches must be an integer >= 0, got {refresh_batches!r}")
     t0 = time.perf_counter()
     labelled = labelled_batches(model, data, num_calibration_samples)
     if fisher is None:
-        fisher = empirical_fisher(model, labelled, loss_fn, layers=targets, mode=fisher_mode,
-                                  min_batches=min_batches, max_batches=max_batches, tol=tol)
+        fisher = estimate_fisher(model, labelled, loss_fn=loss_fn, targets=targets, batches=fisher_batches,
+                                 mode=fisher_mode)
     else:
-        fisher = _check_fisher(fisher)
-        targets = list(fisher.diag)
+        fisher = check_fisher(fisher)
+    names = list(fisher.diag)
     t1 = time.perf_counter()
+    n_refresh = max(2, refresh_batches)
+    work = copy.deepcopy(model) if refresh_batches > 0 else None
 
-    def refresh(step):
+    def refresh_at(weights: Dict[str, torch.Tensor]) -> Fisher:
+        found = find_layers(work, names, ())
+        with torch.no_grad():
+            for nm, w in weights.items():
+                found[nm].module.weight.copy_(w.to(found[nm].module.weight.dtype))
+        return empirical_fisher(work, labelled, loss_fn, layers=names, mode=fisher_mode, min_batches=n_refresh,
+                                max_batches=n_refresh, cycle=False)
+
+    def refresh_step(step) -> Fisher:
         m = copy.deepcopy(model)
         apply_rtn_fit(m, step.choice, fisher)
-        # The convergence test needs two batches at least.
-        n = max(2, refresh_batches)
-        return empirical_fisher(m, labelled, loss_fn, layers=targets, mode=fisher_mode, min_batches=n,
-                                max_batches=n, tol=tol)
+        return empirical_fisher(m, labelled, loss_fn, layers=names, mode=fisher_mode, min_batches=n_refresh,
+                                max_batches=n_refresh, cycle=False)
 
-    path = plan_path(fisher, model, None, goal, lam=lam, mode=mode, beam_width=beam_width,
-                     refresh=refresh if refresh_batches > 0 else None)
+    limits = {} if max_expansions is None else {"max_expansions": max_expansions}
+    if planner == "fitcompress":
+        path = plan_path(fisher, model, None, goal, lam=lam, mode=mode, beam_width=beam_width,
+                         refresh=refresh_at if refresh_batches > 0 else None, progress=progress, **limits)
+    else:
+        path = plan_telescoping_path(fisher, model, None, goal, lam=lam, mode=mode, beam_width=beam_width,
+                                     refresh=refresh_step if refresh_batches > 0 else None, **limits)
     t2 = time.perf_counter()
-    out: Dict[str, Any] = {"path": path, "fisher_seconds": t1 - t0, "search_seconds": t2 - t1,
+    out: Dict[str, Any] = {"path": path, "fisher": fisher, "fisher_seconds": t1 - t0, "search_seconds": t2 - t1,
                            "fisher_batches": fisher.batches, "fisher_converged": fisher.converged, "results": {}}
     for how in apply:
         m = copy.deepcopy(model)
@@ -143,9 +220,12 @@ def run_fitcompress(model: nn.Module, data: Iterable, goal: Union[str, Goal], *,
             compress(m, path.recipe(activation_bits=activation_bits if goal.cost.name == "bops" else None),
                      labelled_inputs(labelled), num_calibration_samples=num_calibration_samples, progress=progress)
         else:
-            masks, grids = apply_rtn_fit(m, path.choice, fisher)
+            masks, grids = apply_path_rtn(m, path) if path.weights is not None else apply_rtn_fit(m, path.choice, fisher)
             if finetune_epochs > 0:
                 finetune(m, labelled, loss_fn, masks, grids, epochs=finetune_epochs, lr=finetune_lr)
+            if goal.cost.name == "bops" and activation_bits:
+                # Evaluated as costed: the recipe's input quantizers, as (b) gets them from compress.
+                attach_recipe_activations(m, path.recipe(activation_bits=activation_bits), labelled_inputs(labelled))
         seconds = time.perf_counter() - t
         out["results"][how] = {"metrics": evaluate(m) if evaluate else None, "seconds": seconds}
     return out

@@ -10,7 +10,8 @@ outside the search are left as they are and reported apart).
   at a budget is the feasible one with the lowest total score.
 - ``select_dp``: the bucketed DP over the database's per-layer scores (``error``: the normalised
   layer-wise squared error; ``loss``: the measured calibration-loss increase, see
-  ``layer_loss_scores``).
+  ``layer_loss_scores``; FIT: ``sum F (theta - theta_hat)^2`` of each variant's weights, see
+  ``fit_score.fit_scores``).
 - ``spdy``: SPDY (Frantar & Alistarh, 2022). The DP is run on ``c_l * error_l(v)`` with one
   sensitivity coefficient per layer; the coefficients are searched (random restarts, then a local
   search that re-draws a shrinking random subset of them) to minimise the calibration loss of the
@@ -370,8 +371,10 @@ def layer_loss_scores(db: Database, model: nn.Module, data: Iterable, *, num_sam
 def spdy(db: Database, model: nn.Module, data: Iterable, goal: Goal, *, num_samples: int = 64,
          transform_fn: Optional[Callable] = None, restarts: int = 16, steps: int = 100, seed: int = 0,
          buckets: int = 2000, correction: Optional[Callable[[nn.Module], None]] = None,
-         kind: str = "auto", progress: bool = True) -> Configuration:
+         kind: str = "auto", progress: bool = True, score: str = "error") -> Configuration:
     """SPDY search: DP on ``c_l * error_l(v)`` with coefficients searched on the calibration loss.
+    ``score``: the per-layer score the coefficients weight instead of the error (e.g. the FIT
+    scores of ``fit_score.fit_scores``).
 
     ``restarts`` random coefficient vectors (plus the all-ones vector, i.e. the plain DP), then
     ``steps`` local-search steps that re-draw a random subset of the best vector's coefficients,
@@ -381,7 +384,7 @@ def spdy(db: Database, model: nn.Module, data: Iterable, goal: Goal, *, num_samp
     """
     if restarts < 0 or steps < 0:
         raise ValueError("restarts and steps must be >= 0")
-    names, options, scores, costs, dense = _tables(db, goal.cost, "error")
+    names, options, scores, costs, dense = _tables(db, goal.cost, score)
     budget = _budget(goal, dense, costs)
     batches = calibration_batches(data, num_samples, transform_fn)
     loss_fn = CalibrationLoss(model, batches, kind)
@@ -446,7 +449,8 @@ def spdy(db: Database, model: nn.Module, data: Iterable, goal: Goal, *, num_samp
     cfg = _config(names, options, best_idx, scores, costs, dense, "spdy", goal,
                   {"calibration_loss": best, "dp_loss": history[0][1], "evaluations": len(memo),
                    "coefficients": dict(zip(names, best_c)), "seconds": time.perf_counter() - t0,
-                   "budget": budget, "loss_kind": loss_fn.kind, "history": [h[1] for h in history]})
+                   "budget": budget, "loss_kind": loss_fn.kind, "history": [h[1] for h in history],
+                   "score_kind": score})
     return cfg
 
 

@@ -14,6 +14,8 @@ gives (tokens, pixels).
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -43,13 +45,18 @@ def paper_levels(max_sparsity: float, step: float = 0.9) -> Tuple[float, ...]:
     return tuple(out)
 
 
+def _level_text(s: float) -> str:
+    return f"{s:.4f}" if round(s, 4) == s else repr(s)
+
+
 @dataclass(frozen=True)
 class Variant:
     """One compressed form of a layer.
 
     ``structure``: "unstructured", "N:M" (N kept of every M) or "block:c"; ``sparsity``: the fraction
-    of weights pruned (for N:M it is the structure's own, 1 - N/M); ``bits``: weight bits, None for
-    float weights. ``Variant()`` is the dense float layer.
+    of weights pruned (for N:M it is the structure's own, 1 - N/M), exactly as given, so that
+    ``Variant.pruning(k, n)`` prunes exactly k of n weights wherever ``num_pruned`` counts them;
+    ``bits``: weight bits, None for float weights. ``Variant()`` is the dense float layer.
     """
 
     structure: str = "unstructured"
@@ -63,11 +70,26 @@ class Variant:
             object.__setattr__(self, "sparsity", round(ms.fixed_sparsity, 4))
         else:
             s = check_sparsity(self.sparsity, "variant sparsity")
-            object.__setattr__(self, "sparsity", round(s, 4))
+            if math.isnan(s):
+                raise ValueError(f"variant sparsity must be in [0, 1), got {self.sparsity!r}")
+            # Kept as given: a level chosen for one layer (FIT's global masks) is an exact count
+            # k / n, and any rounding here would prune another number of weights on large layers.
+            object.__setattr__(self, "sparsity", s)
             if ms.kind == "block" and s == 0.0:
                 object.__setattr__(self, "structure", "unstructured")
         if self.bits is not None:
             check_bits(self.bits, "variant bits")
+
+    @classmethod
+    def pruning(cls, pruned: int, total: int, bits: Optional[int] = None) -> "Variant":
+        """Unstructured, ``pruned`` of ``total`` weights: the level ``pruned / total`` unrounded, for
+        which ``num_pruned(level, total) == pruned`` (a float's relative error is far below 1 /
+        (2 total))."""
+        if isinstance(pruned, bool) or isinstance(total, bool) or not isinstance(pruned, numbers.Integral) \
+                or not isinstance(total, numbers.Integral) or total < 1 or not 0 <= pruned < total:
+            raise ValueError(f"a pruned count must be an integer in [0, total) of total >= 1 weights, "
+                             f"got {pruned!r} of {total!r}")
+        return cls("unstructured", int(pruned) / int(total), bits)
 
     @property
     def density(self) -> float:
@@ -84,16 +106,18 @@ class Variant:
 
     @property
     def key(self) -> str:
-        """A short stable name: 'dense', 's0.5217', '2:4', 'block4@0.7500', 'w4', 's0.5217+w4', '2:4+w3'."""
+        """A short stable name: 'dense', 's0.5217', '2:4', 'block4@0.7500', 'w4', 's0.5217+w4', '2:4+w3'.
+        A level that is not a 4-decimal number is written in full ('s0.52173828125'), so that
+        ``from_key`` gives back the same variant."""
         parts = []
         if self.pruned:
             kind = self.kind
             if kind == "unstructured":
-                parts.append(f"s{self.sparsity:.4f}")
+                parts.append(f"s{_level_text(self.sparsity)}")
             elif kind == "nm":
                 parts.append(self.structure)
             else:
-                parts.append(f"block{parse_mask_structure(self.structure).block}@{self.sparsity:.4f}")
+                parts.append(f"block{parse_mask_structure(self.structure).block}@{_level_text(self.sparsity)}")
         if self.bits is not None:
             parts.append(f"w{self.bits}")
         return "+".join(parts) if parts else "dense"
