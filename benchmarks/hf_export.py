@@ -31,9 +31,10 @@ from pathlib import Path
 import torch
 
 RECIPES = {
-    "gptq_w4g128": {"solver": "gptq", "ignore": ["lm_head"],
+    "gptq_w4g128": {"solver": "gptq", "ignore": ["lm_head"], "calibration": "sequential",
                     "quantization": {"num_bits": 4, "strategy": "group", "group_size": 128}},
-    "sparsegpt_24_w4g128": {"solver": "sparsegpt", "ignore": ["lm_head"], "sparsity": {"mask_structure": "2:4"},
+    "sparsegpt_24_w4g128": {"solver": "sparsegpt", "ignore": ["lm_head"], "calibration": "sequential",
+                            "sparsity": {"mask_structure": "2:4"},
                             "quantization": {"num_bits": 4, "strategy": "group", "group_size": 128}},
     "rtn_w4g128": {"solver": "rtn", "ignore": ["lm_head"],
                    "quantization": {"num_bits": 4, "strategy": "group", "group_size": 128}},

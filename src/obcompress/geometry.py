@@ -46,6 +46,19 @@ class LayerGeometry:
         """Dense multiply-accumulates per sample."""
         return self.weights * self.positions
 
+    def as_rows(self, t):
+        """A tensor in the layer's weight shape as (groups x rows, cols): one output channel a row,
+        groups one after the other (transformers' Conv1D stores its weight as (in, out))."""
+        if self.kind == "conv1d_hf":
+            return t.t()
+        return t.reshape(self.groups * self.rows, self.cols)
+
+    def from_rows(self, t, shape):
+        """``as_rows`` undone: back to the weight's own ``shape``."""
+        if self.kind == "conv1d_hf":
+            return t.t()
+        return t.reshape(shape)
+
     def to_dict(self) -> Dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "groups": self.groups, "rows": self.rows,
                 "cols": self.cols, "taps": self.taps, "positions": self.positions, "has_bias": self.has_bias}
