@@ -8,6 +8,17 @@ from torch import nn
 from obcompress.search.fisher import empirical_fisher
 
 
+@pytest.fixture
+def mean_loss():
+    """The mean cross-entropy of a model on (X, Y), without gradients."""
+
+    def loss(model, X, Y):
+        with torch.no_grad():
+            return float(F.cross_entropy(model(X), Y))
+
+    return loss
+
+
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread):
     """Every test here runs on one thread (tests/conftest.py)."""

@@ -8,15 +8,10 @@ import torch.nn.functional as F
 from obcompress.search.fisher import empirical_fisher, load_fisher, save_fisher
 from obcompress.search.fit_score import fit_perturbation
 
-NAMES = ("a", "b", "c")
+NAMES = ("a", "b", "c")  # the layers of conftest.Branches
 
 
-def _loss(model, X, Y):
-    with torch.no_grad():
-        return float(F.cross_entropy(model(X), Y))
-
-
-def test_fit_predicts_small_perturbation_loss(trained):
+def test_fit_predicts_small_perturbation_loss(trained, mean_loss):
     model, X, Y, _, fisher = trained
     assert fisher.info["per_sample"] == "vmap" and fisher.batches == 15 and fisher.samples == 3000
     # At a minimum of a well-specified model the empirical Fisher approximates the Hessian: check
@@ -31,7 +26,7 @@ def test_fit_predicts_small_perturbation_loss(trained):
         ratio = fisher.diag[name].double().flatten() / h
         assert 0.75 < float(ratio.min()) and float(ratio.max()) < 1.33, name
 
-    base = _loss(model, X, Y)
+    base = mean_loss(model, X, Y)
     orig = {n: getattr(model, n).weight.detach().clone() for n in NAMES}
     gen = torch.Generator().manual_seed(1)
     predicted, measured = [], []
@@ -41,7 +36,7 @@ def test_fit_predicts_small_perturbation_loss(trained):
         with torch.no_grad():
             for n in NAMES:
                 getattr(model, n).weight.copy_(pert[n])
-            measured.append(_loss(model, X, Y) - base)
+            measured.append(mean_loss(model, X, Y) - base)
             for n in NAMES:
                 getattr(model, n).weight.copy_(orig[n])
         predicted.append(0.5 * fit_perturbation(fisher, orig, pert))

@@ -8,15 +8,7 @@ from obcompress.search.fit_apply import apply_rtn_fit, finetune
 from obcompress.search.fit_score import fit_masks, fit_perturbation
 from obcompress.search.space import Variant
 
-NAMES = ("a", "b", "c")
-
-
-def _loss(model, X, Y):
-    with torch.no_grad():
-        return float(F.cross_entropy(model(X), Y))
-
-
-def test_apply_rtn_fit_and_finetune(trained):
+def test_apply_rtn_fit_and_finetune(trained, mean_loss):
     model, X, Y, data, fisher = trained
     m = copy.deepcopy(model)
     choice = {"a": Variant("unstructured", 0.5, 3), "b": Variant(bits=2), "c": Variant()}
@@ -31,10 +23,10 @@ def test_apply_rtn_fit_and_finetune(trained):
     # The Fisher-weighted distance counts each pruned weight's square plus the rounding errors.
     d = fit_perturbation(fisher, model, m)
     assert d >= float((fisher.diag["a"].double() * model.a.weight.detach() ** 2)[~masks["a"]].sum())
-    before = _loss(m, X, Y)
+    before = mean_loss(m, X, Y)
     m.c.eval()
     hist = finetune(m, data, F.cross_entropy, masks, grids, epochs=3, lr=2e-3)
-    assert len(hist) == 3 and _loss(m, X, Y) < before
+    assert len(hist) == 3 and mean_loss(m, X, Y) < before
     assert torch.all(m.a.weight[~masks["a"]] == 0)
     for n in ("a", "b"):
         w = getattr(m, n).weight.detach()
