@@ -118,8 +118,21 @@ def test_per_layer_overrides_are_applied():
     assert by["conv1"].sparsity == pytest.approx(0.25, abs=0.01) and by["fc1"].sparsity == 0
 
 
-def test_failure_half_way_leaves_the_model_unchanged(monkeypatch):
+@pytest.mark.parametrize("spill", [False, True], ids=["originals in memory", "originals on disk"])
+def test_failure_half_way_leaves_the_model_unchanged(monkeypatch, spill):
+    import obcompress.api as api
     import obcompress.jobs as jobs
+
+    if spill:  # what a large model's weights do: kept in a temporary directory, not in memory
+        monkeypatch.setattr(api, "SPILL_BYTES", 0)
+        made = []
+        real_dir = api.tempfile.TemporaryDirectory
+
+        def spy(*a, **k):
+            made.append(real_dir(*a, **k))
+            return made[-1]
+
+        monkeypatch.setattr(api.tempfile, "TemporaryDirectory", spy)
 
     model, data = _setup(5)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -137,6 +150,10 @@ def test_failure_half_way_leaves_the_model_unchanged(monkeypatch):
         compress(model, {"quantization": {"num_bits": 4}}, data, num_calibration_samples=96, progress=False)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+    if spill:
+        import os
+
+        assert len(made) == 1 and not os.path.exists(made[0].name)  # used, then removed
 
 
 def test_bad_input_names_the_problem():

@@ -13,7 +13,9 @@ magnitude and RTN need no H: it is collected for them only with ``layer_loss: tr
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Union
@@ -195,7 +197,7 @@ def compress(
     model.eval()
     result = Result(recipe=recipe, calibration_samples=n_samples, unfit=unfit, executor=pool.kind)
     # A failure half-way leaves the model as it was, not half compressed.
-    originals = {name: info.module.weight.detach().clone() for name, info in layers.items()}
+    originals = _Originals(layers, SPILL_BYTES)
     home = _single_device(model) if run_on is not None and recipe.calibration == "parallel" else None
     bar = progress_bar(total=len(layers), desc="compress", unit="layer", progress=progress)
 
@@ -284,15 +286,61 @@ def compress(
             result.activation_hooks.remove()
         modules = dict(model.named_modules())
         with torch.no_grad():
-            for name, w in originals.items():
-                layers[name].module.weight.copy_(w)
+            originals.restore()
             for name, sd in norm_state.items():
                 modules[name].load_state_dict(sd)
         raise
     finally:
         model.train(was_training)
+        originals.close()
     result.seconds = time.perf_counter() - t0
     return result
+
+
+# Above this many bytes the weights kept for a restore go to a temporary directory, not memory:
+# the Linear weights of a 135M-parameter LLM are 425 MB of RSS that would only serve a failure.
+SPILL_BYTES = 64 << 20
+
+
+class _Originals:
+    """The weights of the layers under compression as they were, put back if ``compress`` fails
+    half-way. Held in memory up to ``spill_bytes`` in all, else written once to a temporary
+    directory (removed by ``close``) and read back only by ``restore``."""
+
+    def __init__(self, layers: Dict[str, LayerInfo], spill_bytes: int):
+        self.layers = layers
+        weights = {name: info.module.weight.detach() for name, info in layers.items()}
+        total = sum(w.numel() * w.element_size() for w in weights.values())
+        self.directory = None
+        self.memory: Dict[str, torch.Tensor] = {}
+        if total <= spill_bytes:
+            self.memory = {name: w.clone() for name, w in weights.items()}
+            return
+        from safetensors.torch import save_file
+
+        self.directory = tempfile.TemporaryDirectory(prefix="obcompress-originals-")
+        for i, w in enumerate(weights.values()):
+            save_file({"weight": w.to("cpu").contiguous()}, self._path(i))
+
+    def _path(self, i: int) -> str:
+        return os.path.join(self.directory.name, f"{i}.safetensors")
+
+    def restore(self) -> None:
+        if self.directory is None:
+            for name, w in self.memory.items():
+                self.layers[name].module.weight.copy_(w)
+            return
+        from safetensors import safe_open
+
+        for i, info in enumerate(self.layers.values()):
+            with safe_open(self._path(i), framework="pt") as f:
+                info.module.weight.copy_(f.get_tensor("weight"))
+
+    def close(self) -> None:
+        self.memory = {}
+        if self.directory is not None:
+            self.directory.cleanup()
+            self.directory = None
 
 
 def _wide(shape) -> bool:
