@@ -101,6 +101,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--finetune-epochs", type=int, default=3)
     ap.add_argument("--finetune-lr", type=float, default=1e-3)
     ap.add_argument("--loss-samples", type=int, default=64, help="calibration samples of the calibration-loss scores")
+    ap.add_argument("--no-loss-scores", action="store_true",
+                    help="leave out the DP with the calibration-loss score (its single-layer swaps are the "
+                         "costly part of the DP columns: one evaluation per layer and variant)")
     ap.add_argument("--redo", action="store_true", help="measure every cell again")
     ap.add_argument("--table", action="store_true", help="only print the tables of the cells measured so far")
     ap.add_argument("--markdown", default=None)
@@ -205,10 +208,14 @@ def measure(name: str, entry, dbdir: Path, cells: Cells, goals: List[str], colum
     t = time.perf_counter()
     kind = fit_scores(db, entry.model, fisher, prefix=prefix, progress=args.progress)
     cells.put("_", "fit_scores", {"kind": kind, "seconds": time.perf_counter() - t})
-    t = time.perf_counter()
-    layer_loss_scores(db, entry.model, entry.calibration, num_samples=args.loss_samples, progress=args.progress)
-    cells.put("_", "loss_scores", {"seconds": time.perf_counter() - t, "samples": args.loss_samples})
-    cells.put("_", "score_agreement", score_agreement(db, kind, SCORE_CALIBRATION))
+    scores = [("dp-error", "error"), ("dp-loss", SCORE_CALIBRATION), ("dp-fit", kind)]
+    if args.no_loss_scores:
+        scores.pop(1)
+    else:
+        t = time.perf_counter()
+        layer_loss_scores(db, entry.model, entry.calibration, num_samples=args.loss_samples, progress=args.progress)
+        cells.put("_", "loss_scores", {"seconds": time.perf_counter() - t, "samples": args.loss_samples})
+        cells.put("_", "score_agreement", score_agreement(db, kind, SCORE_CALIBRATION))
     batches = calibration_batches(entry.calibration, samples)
     stitch = _Stitcher(db, entry.model)
 
@@ -225,7 +232,7 @@ def measure(name: str, entry, dbdir: Path, cells: Cells, goals: List[str], colum
         for g in goals:
             goal = parse_goal(g, **({"activation_bits": 8} if g.startswith("bops") else {}))
             act = 8 if goal.cost.name == "bops" else None
-            for col, score in (("dp-error", "error"), ("dp-loss", SCORE_CALIBRATION), ("dp-fit", kind)):
+            for col, score in scores:
                 if not todo(g, col):
                     continue
                 try:
