@@ -225,10 +225,11 @@ def compress(
                            gpus=1.0 if run_on is not None and run_on.type == "cuda" and pool.kind != "local" else 0.0,
                            estimate=est)
             if est > LONG_SOLVE_SECONDS:
+                more = ", or --executor ray to solve layers side by side" if pool.kind == "local" else ""
                 say(f"layer {name}: exact {'+'.join(_exact_kinds(schemes[name]))} on "
-                    f"{'x'.join(str(x) for x in (shape if shape[0] > 1 else shape[1:]))} takes about {format_seconds(est)} here (rows x cols^3 "
-                    f"at this machine's measured rate); faster: solver sparsegpt / gptq for it "
-                    f"(layers: {{{name}: {{solver: sparsegpt}}}}), or --executor ray to solve layers side by side")
+                    f"{'x'.join(str(x) for x in (shape if shape[0] > 1 else shape[1:]))} takes about "
+                    f"{format_seconds(est)} here (an upper bound: rows x cols^3 at this machine's measured rate); "
+                    f"faster: solver sparsegpt / gptq for it (layers: {{{name}: {{solver: sparsegpt}}}}){more}")
                 job.progress = EtaLine(lambda text, n=name: bar.set_postfix_str(f"{n}: {text}", refresh=True))
             jobs.append(job)
         hessians.clear()
