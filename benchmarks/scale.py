@@ -246,14 +246,20 @@ def exact_ray(args) -> None:
 # ------------------------------------------------------------------------------------------------ efficientnet database
 
 
-def one_effnet_db(executor: str, directory: str, space: str, ray_cpus: int) -> Dict[str, Any]:
+def _space(spec: str):
+    """``default`` (the OBC paper's space) or variant keys separated by commas."""
     from obcompress.search import default_space
-    from obcompress.search.database import build_database
     from obcompress.search.space import SearchSpace
+
+    return default_space() if spec == "default" else SearchSpace.from_dict({"variants": spec.split(",")})
+
+
+def one_effnet_db(executor: str, directory: str, space: str, ray_cpus: int) -> Dict[str, Any]:
+    from obcompress.search.database import build_database
     from obcompress.zoo.registry import ZOO
 
     entry = ZOO["efficientnet-lite0"](num_calibration=256)
-    sp = default_space() if space == "default" else SearchSpace.from_dict({"variants": space.split(",")})
+    sp = _space(space)
     t0 = time.perf_counter()
     if executor == "ray":
         from obcompress.executor import RayExecutor
@@ -333,11 +339,9 @@ def resnet50_layers() -> List[Dict[str, Any]]:
 
 
 def one_resnet_shape(rows: int, cols: int, variants: str) -> Dict[str, Any]:
-    from obcompress.search import default_space
     from obcompress.search.database import _build_layer
-    from obcompress.search.space import SearchSpace
 
-    space = default_space() if variants == "default" else SearchSpace.from_dict({"variants": variants.split(",")})
+    space = _space(variants)
     g = torch.Generator().manual_seed(0)
     X = torch.randn(max(2 * cols, 256), cols, generator=g, dtype=torch.float64)
     H = (2 * X.t() @ X / X.shape[0]).unsqueeze(0)
@@ -351,14 +355,10 @@ def _estimated_shape(rows: int, cols: int, variants: str) -> Dict[str, Any]:
     """A shape's database time from the library's own estimate (``obcompress.jobs``: exact passes x
     rows x cols^3 at this machine's measured rate), for shapes too large to measure here."""
     from obcompress.jobs import estimate_seconds
-    from obcompress.search import default_space
-    from obcompress.search.database import _admits
-    from obcompress.search.space import SearchSpace
+    from obcompress.search.database import record_passes
 
-    space = default_space() if variants == "default" else SearchSpace.from_dict({"variants": variants.split(",")})
-    passes = sum(1 for st in space.structures if _admits(st, cols)) + sum(
-        1 for v in space.for_layer(cols) if v.bits is not None)
-    sec = estimate_seconds(passes, (1, rows, cols))
+    space = _space(variants)
+    sec = estimate_seconds(record_passes(space, cols), (1, rows, cols))
     return {"seconds": sec, "rows_measured": [], "variants": len(space.for_layer(cols)), "full_s": sec,
             "fit_s": sec, "estimated": True}
 
@@ -444,7 +444,8 @@ def main(argv=None) -> int:
                     "threads stall each other: measured 3-5x slower than one)")
     ap.add_argument("--executor", default="local", choices=("local", "ray"))
     ap.add_argument("--block", type=int, default=0)
-    ap.add_argument("--space", default="default", help="default, or variant keys separated by commas")
+    ap.add_argument("--space", default=None, help="default (the OBC paper's space), or variant keys separated by "
+                    "commas; if not given: s0.5,w4 for effnet-db (three builds fit in a session), default for resnet50")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--from-json", default=None, help="resnet50: tabulate the JSON lines of an earlier run (shapes "
                     "missing from it are measured, or estimated with --estimate-missing)")
@@ -453,6 +454,8 @@ def main(argv=None) -> int:
     ap.add_argument("--units", type=float, default=5e10, help="resnet50: shapes above this many rows x cols^3 "
                     "are measured on fewer rows")
     args = ap.parse_args(argv)
+    if args.space is None:
+        args.space = "s0.5,w4" if args.what == "effnet-db" else "default"
     torch.set_num_threads(args.threads)
     if args.one:
         kind, *rest = args.one

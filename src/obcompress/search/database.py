@@ -57,7 +57,8 @@ from ..solvers import QuantGrid, layer_loss, obq_quantize, parse_mask_structure,
 from ..solvers.obs import ObsDatabase, exact_obs_database
 from .space import LayerGeometry, SearchSpace, Variant, configuration_recipe, default_space
 
-__all__ = ["Database", "LayerEntry", "build_database", "load_database", "DATABASE_FORMAT", "DATABASE_VERSION"]
+__all__ = ["Database", "LayerEntry", "build_database", "load_database", "record_passes", "DATABASE_FORMAT",
+           "DATABASE_VERSION"]
 
 DATABASE_FORMAT = "obcompress-database"
 DATABASE_VERSION = 1
@@ -693,8 +694,7 @@ def _build_locked(model, directory, manifest, found, hashes, batches, n_samples,
             if counts[name] == 0:
                 raise ValueError(f"layer {name}: the model never called it on the calibration data")
             Wg = weight_groups(info)
-            passes = sum(1 for st in space.structures if _admits(st, info.cols)) + sum(
-                1 for v in space.for_layer(info.cols) if v.bits is not None)
+            passes = record_passes(space, info.cols)
             jobs.append(LayerJob(name, _build_layer, (
                 name, Wg.cpu(), hessians.pop(name).cpu(), info.kind, info.taps,
                 getattr(info.module, "bias", None) is not None, space, counts[name] / n_samples, hashes[name],
@@ -714,6 +714,13 @@ def _build_locked(model, directory, manifest, found, hashes, batches, n_samples,
             bar.set_postfix_str(f"{name}: {len(meta['variants'])} variants, {meta['seconds']:.1f} s")
         bar.close()
     return _assemble(directory, manifest, found, done, paths)
+
+
+def record_passes(space: SearchSpace, cols: int) -> int:
+    """The exact greedy passes one layer's record runs (per group): an ExactOBS pass per mask
+    structure the layer's ``cols`` admit, an OBQ pass per quantized variant."""
+    return sum(1 for st in space.structures if _admits(st, cols)) + sum(
+        1 for v in space.for_layer(cols) if v.bits is not None)
 
 
 def _admits(structure: str, cols: int) -> bool:
