@@ -15,9 +15,9 @@ errors a job raises (a ``ValueError`` naming the layer) are not retried but re-r
 ``address=None`` starts a local Ray on this machine's cores (its workers at the driver's priority,
 not Ray's default of 15 niceness levels lower), unless Ray is already running in this process; an address (``HEAD:6379``, or ``auto``) joins a running cluster, started beforehand with
 ``ray start --head`` on one machine and ``ray start --address=HEAD:6379`` on the others (each with
-obcompress installed in the same Python environment). The same job run with the same number of
-torch threads gives the same bits on either executor; with another thread count the exact solvers'
-float32 loss traces may differ in their last bits (the chunks' GEMMs round differently).
+obcompress installed in the same Python environment). The exact solvers give the same bits
+at any torch thread count (they factor H on one thread), hence on either executor; GPTQ and
+SparseGPT factor on the task's threads, so theirs hold per thread count.
 
 Never a scheduler of our own: Ray places the tasks.
 """

@@ -226,3 +226,42 @@ def test_all_inputs_dead_gives_zero_weights_at_zero_loss():
     grid = QuantGrid.fit(W, 4)
     for result in (obq_quantize(W, H, grid), exact_obs_prune(W, H, 0.5), gptq_quantize(W, H, grid)):
         assert (result.weight == 0).all() and result.loss == 0
+
+
+def test_one_thread_is_the_calling_threads_and_restores_its_count():
+    import threading
+
+    from obcompress.solvers._common import one_thread
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(1200, 300, generator=g, dtype=torch.float64)
+    H = X.t() @ X
+
+    def factor():
+        return torch.cholesky_inverse(torch.linalg.cholesky(H))
+
+    threads = torch.get_num_threads()
+    seen = {}
+    try:
+        torch.set_num_threads(1)
+        serial = factor()
+        torch.set_num_threads(2)
+
+        def worker():
+            with one_thread():
+                seen["worker inside"] = torch.get_num_threads()
+                seen["worker bits"] = factor()
+            seen["worker after"] = torch.get_num_threads()
+
+        with one_thread():
+            seen["main inside"] = torch.get_num_threads()
+            seen["main bits"] = factor()
+        t = threading.Thread(target=worker)
+        t.start()
+        t.join(30)
+        seen["main after"] = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
+    assert seen["main inside"] == seen["worker inside"] == 1
+    assert seen["main after"] == seen["worker after"] == 2
+    assert torch.equal(seen["main bits"], serial) and torch.equal(seen["worker bits"], serial)

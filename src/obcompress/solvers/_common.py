@@ -6,6 +6,7 @@ with a message that names the problem, so that callers higher up can prefix the 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -26,6 +27,26 @@ AUTO_MAX_PIVOT_RATIO2 = 1e10
 # samples, OBQ 8-bit at lambda = 1e-6 has 0.74 normalised error, at 1e-4 or 1e-2 5.5e-6; RTN 5.5e-5).
 # 1e-2 is GPTQ's and SparseGPT's default.
 AUTO_SINGULAR_MIN_DAMP = 1e-2
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run the block on one torch (and MKL) thread, then restore the caller's thread count.
+
+    Why: MKL's threaded Cholesky and inverse round differently with the thread count, and the
+    exact solvers' float32 loops carry that difference of an ill-conditioned H^-1 into their loss
+    records (measured: digits-cnn's conv2 and fc1 records differ between 1 and 2 threads). The
+    setting is the calling thread's (OpenMP's and MKL's counts are per thread): chunk workers and
+    other threads of the process keep theirs.
+    """
+    threads = torch.get_num_threads()
+    if threads != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if threads != 1:
+            torch.set_num_threads(threads)
 
 
 @dataclass
@@ -208,7 +229,8 @@ def _resolve_levels(damp) -> tuple:
     return (damp,), False
 
 
-def prepare_layer(W: torch.Tensor, H: torch.Tensor, damp="auto", inverse: bool = True) -> PreparedLayer:
+def prepare_layer(W: torch.Tensor, H: torch.Tensor, damp="auto", inverse: bool = True,
+                  serial: bool = True) -> PreparedLayer:
     """Check W and H, handle dead inputs, dampen relative to mean(diag H), factor (and invert) in float64.
 
     Dead inputs (zero diagonal: the input is always zero) are decoupled in H and their weights set
@@ -216,6 +238,10 @@ def prepare_layer(W: torch.Tensor, H: torch.Tensor, damp="auto", inverse: bool =
     ``AUTO_DAMP_LEVELS`` whose Cholesky factor exists and is not too ill-conditioned is used, and
     no level below ``AUTO_SINGULAR_MIN_DAMP`` when H itself is singular.
     ``inverse=False`` skips forming H^-1 (``Hinv`` is None) for solvers that only need the factor.
+    ``serial``: factor on one thread (``one_thread``), so that the exact solvers give the same bits
+    at any thread count; on CPU the factorization is O(cols^3 / 3) against the exact solvers'
+    O(rows cols^3). GPTQ and SparseGPT pass False: their wide layers would pay for it (4608
+    columns: 4.4 s on one thread, 3.3 s on two here) and their results hold per thread count.
     """
     check_weight(W)
     check_hessian(H, W.shape[1])
@@ -242,14 +268,15 @@ def prepare_layer(W: torch.Tensor, H: torch.Tensor, damp="auto", inverse: bool =
         if lam > 0:
             Hd = H64.clone()
             Hd.diagonal().add_(lam * mean_diag)
-        L, info = torch.linalg.cholesky_ex(Hd)
-        if int(info) != 0:
-            singular = auto and lam == 0
-            continue
-        piv = torch.diagonal(L)
-        if auto and float((piv.max() / piv.min()) ** 2) > AUTO_MAX_PIVOT_RATIO2:
-            continue
-        Hinv = torch.cholesky_inverse(L) if inverse else None
+        with one_thread() if serial and Hd.device.type == "cpu" else contextlib.nullcontext():
+            L, info = torch.linalg.cholesky_ex(Hd)
+            if int(info) != 0:
+                singular = auto and lam == 0
+                continue
+            piv = torch.diagonal(L)
+            if auto and float((piv.max() / piv.min()) ** 2) > AUTO_MAX_PIVOT_RATIO2:
+                continue
+            Hinv = torch.cholesky_inverse(L) if inverse else None
         return PreparedLayer(W=W64, H=Hd, Hinv=Hinv, L=L, damp=lam, dead=dead)
     tried = ", ".join(f"{x:g}" for x in levels)
     raise ValueError(

@@ -121,7 +121,7 @@ def _prepare_in_order(W: torch.Tensor, H: torch.Tensor, order: Optional[torch.Te
     else:
         rev = order.flip(0)
         Wr, Hr = W[:, rev], H[rev][:, rev]
-    prep = prepare_layer(Wr, Hr, damp, inverse=False)
+    prep = prepare_layer(Wr, Hr, damp, inverse=False, serial=False)
     return prep, prep.W.flip(1), _inverse_upper_factor(prep)
 
 
