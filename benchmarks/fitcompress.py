@@ -1,7 +1,8 @@
 """FITCompress benchmark: FITCompress as defined, applied by round to nearest (a), (a) after a short
 fine-tune, and through the OBC solvers (b); beside it the DP over the OBC database with three scores
 (the normalised layer error, the calibration loss of single-layer swaps, and FIT: sum F (theta -
-theta_hat)^2 of each variant's weights) and the best uniform setting, at size goals 1/8, 1/12,
+theta_hat)^2 of each variant's weights; with its default cap on the layer-wise error,
+``FIT_MAX_LAYER_ERROR``, and without) and the best uniform setting, at size goals 1/8, 1/12,
 1/16 and BOPs goals 1/8, 1/12. One table per model.
 
 One Fisher per model (the reference's estimate: 100 batches, one pass at most over the labelled
@@ -45,7 +46,7 @@ import torch
 GOALS = ("size=1/8", "size=1/12", "size=1/16", "bops=1/8", "bops=1/12")
 SPACES = {"digits-cnn": "default", "efficientnet-lite0": "default", "minilm": "reach16"}
 SAMPLES = {"digits-cnn": 512, "efficientnet-lite0": 256, "minilm": 128}
-COLUMNS = ("a", "a+ft", "b", "dp-error", "dp-loss", "dp-fit", "uniform")
+COLUMNS = ("a", "a+ft", "b", "dp-error", "dp-loss", "dp-fit", "dp-fit-nocap", "uniform")
 
 
 def reach16_space():
@@ -208,7 +209,9 @@ def measure(name: str, entry, dbdir: Path, cells: Cells, goals: List[str], colum
     t = time.perf_counter()
     kind = fit_scores(db, entry.model, fisher, prefix=prefix, progress=args.progress)
     cells.put("_", "fit_scores", {"kind": kind, "seconds": time.perf_counter() - t})
-    scores = [("dp-error", "error"), ("dp-loss", SCORE_CALIBRATION), ("dp-fit", kind)]
+    # The fit-scored DP with its default cap on the layer-wise error (FIT_MAX_LAYER_ERROR) and without.
+    scores = [("dp-error", "error", "auto"), ("dp-loss", SCORE_CALIBRATION, "auto"), ("dp-fit", kind, "auto"),
+              ("dp-fit-nocap", kind, None)]
     if args.no_loss_scores:
         scores.pop(1)
     else:
@@ -232,11 +235,11 @@ def measure(name: str, entry, dbdir: Path, cells: Cells, goals: List[str], colum
         for g in goals:
             goal = parse_goal(g, **({"activation_bits": 8} if g.startswith("bops") else {}))
             act = 8 if goal.cost.name == "bops" else None
-            for col, score in scores:
+            for col, score, cap in scores:
                 if not todo(g, col):
                     continue
                 try:
-                    cfg = select_dp(db, goal, score=score)
+                    cfg = select_dp(db, goal, score=score, max_layer_error=cap)
                 except ValueError as e:  # the database's space cannot reach this goal
                     cells.put(g, col, {"unreachable": str(e).split(": ")[-1]})
                     continue
@@ -302,13 +305,15 @@ def table(name: str, cells: Cells, goals: List[str], ft: int) -> str:
     lines = [f"### {name}", "",
              f"dense {cell(dense)} ({what}); Fisher: {fisher.get('batches')} batches, {fisher.get('samples')} samples",
              "", f"| goal | (a) FITCompress, RTN | (a) + {ft}-epoch fine-tune | (b) FITCompress config + OBC | "
-                 "DP, error | DP, calibration loss | DP, fit | best uniform | FITCompress reached | steps | path s |",
-             "|---" * 11 + "|"]
+                 "DP, error | DP, calibration loss | DP, fit | DP, fit, no cap | best uniform | FITCompress reached | "
+                 "steps | path s |",
+             "|---" * 12 + "|"]
     for g in goals:
         a = cells.get(g, "a") or {}
         lines.append(f"| {g} | {cell(cells.get(g, 'a'))} | {cell(cells.get(g, 'a+ft'))} | {cell(cells.get(g, 'b'))} | "
                      f"{cell(cells.get(g, 'dp-error'), True)} | {cell(cells.get(g, 'dp-loss'), True)} | "
-                     f"{cell(cells.get(g, 'dp-fit'), True)} | {cell(cells.get(g, 'uniform'))} | "
+                     f"{cell(cells.get(g, 'dp-fit'), True)} | {cell(cells.get(g, 'dp-fit-nocap'), True)} | "
+                     f"{cell(cells.get(g, 'uniform'))} | "
                      f"{a.get('reduction', float('nan')):.2f}x | {a.get('steps', '')} | "
                      f"{a.get('search_seconds', float('nan')):.0f} |")
     agree = cells.get("_", "score_agreement")

@@ -66,6 +66,13 @@ def test_search_build_resume_select_sweep_report(cache, capsys):
     assert main(["search", "select", *args, "--goal", "bops=1/5", "--score", "fit", "--out", str(cache / "r3.yaml")]) == 0
     assert "Fisher read from" in capsys.readouterr().out and (db / "fisher.safetensors").exists()
     assert list(db.glob("scores_fit_*.json"))
+    # No cap: the same DP over every variant; a cap that is not a positive number is a usage error.
+    assert main(["search", "select", *args, "--goal", "bops=1/5", "--score", "fit", "--max-layer-error", "none",
+                 "--out", str(cache / "r4.yaml")]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["search", "select", *args, "--goal", "bops=1/5", "--max-layer-error", "0", "--out", str(recipe)])
+    assert e.value.code == 2 and "positive number" in capsys.readouterr().err
     # the written recipe is one that compress takes as it is
     assert main(["compress", "--model", "digits-cnn", "--recipe", str(recipe), "--out", str(cache / "art"),
                  "--calibration-samples", "128", "--no-progress"]) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Optional, Sequence
 
@@ -397,6 +398,10 @@ def _search_parser(sub) -> None:
                         "estimated and kept beside the database when missing)")
     c.add_argument("--fisher-batches", type=int, default=100, metavar="N",
                    help="with --score fit: batches for the Fisher (as `search fit`; one pass at most)")
+    c.add_argument("--max-layer-error", type=_max_layer_error, default="auto", metavar="X",
+                   help="leave out variants whose normalised layer error exceeds X (dp, exact, spdy); default auto: "
+                        "0.1 with --score fit (FIT is a second-order estimate near the dense weights), none otherwise; "
+                        "'none' for no cap")
     goal_args(c)
 
     sc = ss.add_parser("scores", help="measure the calibration-loss increase of each single-layer swap",
@@ -522,9 +527,11 @@ def _search(args, parser) -> int:
             cfg = best_uniform(db, goal)[0]
         elif args.method == "spdy":
             cfg = spdy(db, entry.model, batches, goal, num_samples=args.spdy_samples, restarts=args.spdy_restarts,
-                       steps=args.spdy_steps, correction=fix, progress=progress, score=score)
+                       steps=args.spdy_steps, correction=fix, progress=progress, score=score,
+                       max_layer_error=args.max_layer_error)
         else:
-            cfg = select_dp(db, goal, buckets=args.buckets, exact=args.method == "exact", score=score)
+            cfg = select_dp(db, goal, buckets=args.buckets, exact=args.method == "exact", score=score,
+                            max_layer_error=args.max_layer_error)
         recipe = cfg.recipe(db, activation_bits=act if goal.cost.name == "bops" else None)
         if args.correction in RECIPE_CORRECTIONS:
             recipe["corrections"] = dict(RECIPE_CORRECTIONS[args.correction])
@@ -570,6 +577,19 @@ def _fisher_task(entry):
     if task is None:
         return entry.model, entry.calibration, entry.evaluate, None, ""
     return task.model, task.data, task.evaluate, task.targets, task.prefix
+
+
+def _max_layer_error(text: str):
+    t = text.strip().lower()
+    if t in ("auto", "none"):
+        return None if t == "none" else "auto"
+    try:
+        x = float(t)
+    except ValueError:
+        x = math.nan
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"a positive number, 'auto' or 'none', got {text!r}")
+    return x
 
 
 def _fit_score(args, entry, db, progress) -> str:

@@ -206,3 +206,39 @@ def test_bops_sweep_evaluates_with_the_input_quantizers_its_recipe_has(setup, tm
     res.activation_hooks.remove()
     assert evaluate(m)["accuracy"] != pytest.approx(run["metrics"]["accuracy"], rel=1e-5)  # 4-bit inputs matter
     assert not any(mod._forward_pre_hooks for mod in model.modules())  # the sweep's own hooks are gone
+
+
+def test_max_layer_error_leaves_out_variants_above_it(setup):
+    _, _, db = setup
+    goal = parse_goal("size=1/5")
+    geoms = db.geometries
+    errors = sorted({rec["error"] for e in db.layers.values() for rec in e.variants.values()})
+    cap = errors[len(errors) // 2]  # about half of the variants are over it
+    # A FIT-like score that favours the variants of large error (its order is the reverse of theirs).
+    for e in db.layers.values():
+        for rec in e.variants.values():
+            rec["fit_test"] = 1.0 - rec["error"]
+    try:
+        for score, limit, expect in (("fit_test", cap, cap), ("error", cap, cap), ("error", "auto", None),
+                                     ("fit_test", None, None)):
+            cfg = select_dp(db, goal, score=score, exact=True, max_layer_error=limit)
+            assert cfg.info["max_layer_error"] == expect
+            bound = float("inf") if expect is None else expect
+            opts = [[v for v in db.options(n) if db.layers[n].variants[v.key]["error"] <= bound] for n in db.names]
+            best = min(sum(db.layers[n].score(v.key, score) for n, v in zip(db.names, combo))
+                       for combo in itertools.product(*opts)
+                       if model_totals(goal.cost, geoms, dict(zip(db.names, combo))) <= goal.fraction * cfg.dense_cost)
+            assert cfg.score == pytest.approx(best, rel=1e-9, abs=1e-12)
+            assert all(db.layers[n].variants[v.key]["error"] <= bound for n, v in cfg.choice.items())
+        # "auto" caps FIT scores at FIT_MAX_LAYER_ERROR.
+        from obcompress.search.nonuniform import FIT_MAX_LAYER_ERROR
+
+        assert select_dp(db, goal, score="fit_test").info["max_layer_error"] == FIT_MAX_LAYER_ERROR
+        with pytest.raises(ValueError, match="max_layer_error"):
+            select_dp(db, goal, max_layer_error=-1)
+        with pytest.raises(ValueError, match="cannot be reached"):
+            select_dp(db, parse_goal("size=1/30"), score="fit_test", max_layer_error=1e-12)
+    finally:
+        for e in db.layers.values():
+            for rec in e.variants.values():
+                rec.pop("fit_test", None)
