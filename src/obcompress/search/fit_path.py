@@ -53,7 +53,6 @@ from __future__ import annotations
 import heapq
 import math
 import numbers
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -61,6 +60,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .._progress import progress_bar
 from .costs import CostModel
 from .fisher import Fisher, check_fisher
 from .fit_score import layer_weights
@@ -458,9 +458,7 @@ def plan_path(
     pl = _Planner(fisher, W, names, geoms, bits, levels, goal, lam, refresh)
     start = pl.start()
     expansions = 0
-    from tqdm.auto import tqdm
-
-    bar = tqdm(desc="fitcompress path", unit="node", disable=not progress, file=sys.stderr)
+    bar = progress_bar(desc="fitcompress path", unit="node", progress=progress)
 
     def expanding(v: _Node) -> None:
         bar.update(1)
