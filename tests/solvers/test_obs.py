@@ -257,15 +257,16 @@ def test_chunks_on_several_threads_give_the_same_result(monkeypatch):
 def test_the_exact_solvers_give_the_same_bits_on_one_and_two_threads():
     # Columns spanning two decades: MKL's threaded Cholesky of this H rounds differently on two
     # threads, which the float32 loop carried into the database's losses and order before H was
-    # factored on one thread (measured here: 160 and 288 columns differed; digits-cnn's conv2 too).
-    from obcompress.solvers import QuantGrid, hessian, obq_quantize
+    # factored on one thread (measured on this problem; digits-cnn's conv2 too),
+    # and the per-row factorizations of a support into joint OBC's codes (digits-cnn's fc1).
+    from obcompress.solvers import QuantGrid, hessian, obq_quantize, support_refit
 
     g = torch.Generator().manual_seed(1)
-    X = torch.randn(640, 160, generator=g, dtype=torch.float64) @ torch.randn(160, 160, generator=g, dtype=torch.float64)
-    H = hessian(X * torch.logspace(0, -2, 160, dtype=torch.float64))
-    W = torch.randn(16, 160, generator=g)
+    X = torch.randn(1152, 288, generator=g, dtype=torch.float64) @ torch.randn(288, 288, generator=g, dtype=torch.float64)
+    H = hessian(X * torch.logspace(0, -2, 288, dtype=torch.float64))
+    W = torch.randn(16, 288, generator=g)
     grid = QuantGrid.fit(W, 4)
-    mask = torch.rand(16, 160, generator=g) > 0.5
+    mask = torch.rand(16, 288, generator=g) > 0.5
     threads = torch.get_num_threads()
     runs = []
     try:
@@ -273,7 +274,7 @@ def test_the_exact_solvers_give_the_same_bits_on_one_and_two_threads():
             torch.set_num_threads(n)
             db = exact_obs_database(W, H)
             runs.append((db.losses, db.order, exact_obs_prune(W, H, mask_structure="2:4").weight,
-                         obq_quantize(W, H, grid, mask=mask).weight))
+                         obq_quantize(W, H, grid, mask=mask).weight, support_refit(W, H, mask)))
     finally:
         torch.set_num_threads(threads)
     for one, two in zip(*runs):

@@ -18,6 +18,7 @@ cols^3. Rows are batched in chunks and every operation inside a step is vectoris
 
 from __future__ import annotations
 
+import contextlib
 import queue
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 
 from . import _native
 from . import progress as _progress
-from ._common import MaskStructure
+from ._common import MaskStructure, one_thread
 
 # Pending vectors per flush: large enough for the rank-B update to run at GEMM speed, small
 # enough that computing a column from the pending block stays cheap.
@@ -141,8 +142,11 @@ def support_inverses(H: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype = t
     Raises ValueError if some H_SS is not positive definite.
     """
     idx, valid = _support_index(keep)
-    L = _factor(_sub_matrices(H, idx), "H restricted to a row's kept weights")
-    return torch.cholesky_inverse(L.to(dtype)), torch.where(valid, idx, torch.zeros_like(idx)), valid
+    # One thread: the batched factorizations round differently with MKL's thread count (see one_thread).
+    with one_thread() if H.device.type == "cpu" else contextlib.nullcontext():
+        L = _factor(_sub_matrices(H, idx), "H restricted to a row's kept weights")
+        inv = torch.cholesky_inverse(L.to(dtype))
+    return inv, torch.where(valid, idx, torch.zeros_like(idx)), valid
 
 
 def _apply_sub(X: torch.Tensor, idx: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -163,8 +167,14 @@ def _solve_sub(X: torch.Tensor, idx: torch.Tensor, rhs: torch.Tensor, fast: bool
 
     ``fast``: factor in float32 (half the time and traffic of the batched Cholesky) and recover
     float64 accuracy by iterative refinement, whose residuals are dense float64 GEMMs; when that
-    does not converge (ill-conditioned X), fall back to the float64 factorization.
+    does not converge (ill-conditioned X), fall back to the float64 factorization. On one thread
+    on the CPU, so that the result is the same at any thread count (see ``one_thread``).
     """
+    with one_thread() if X.device.type == "cpu" else contextlib.nullcontext():
+        return _solve_sub_here(X, idx, rhs, fast, what)
+
+
+def _solve_sub_here(X: torch.Tensor, idx: torch.Tensor, rhs: torch.Tensor, fast: bool, what: str) -> torch.Tensor:
     if fast:
         L32, info = torch.linalg.cholesky_ex(_sub_matrices(X.float(), idx))
         if bool((info == 0).all()):
