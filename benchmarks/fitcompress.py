@@ -182,18 +182,22 @@ def measure(name: str, entry, dbdir: Path, cells: Cells, goals: List[str], colum
     for g in goals:
         goal = parse_goal(g, **({"activation_bits": 8} if g.startswith("bops") else {}))
         act = 8 if goal.cost.name == "bops" else None
-        if "fit" in columns and (todo(g, "a") or todo(g, "b") or todo(g, "a+ft")):
-            r = run_fitcompress(fmodel, fdata, goal, evaluate=fevaluate, apply=("rtn", "obc"), fisher=fisher,
+        if "fit" in columns and (todo(g, "a") or todo(g, "b") or (args.finetune_epochs and todo(g, "a+ft"))):
+            # The path is searched again for a missing cell; only the missing applications run.
+            apply = tuple(a for a, col in (("rtn", "a"), ("obc", "b")) if todo(g, col))
+            r = run_fitcompress(fmodel, fdata, goal, evaluate=fevaluate, apply=apply, fisher=fisher,
                                 num_calibration_samples=samples, mode=args.search, beam_width=args.beam_width,
                                 refresh_batches=args.refresh_batches, activation_bits=act, progress=args.progress)
             p = r["path"]
             info = {"reduction": p.reduction, "steps": len(p.path) - 1, "search_seconds": r["search_seconds"],
                     "level": p.info["level"], "bits": {n: v.bits for n, v in p.choice.items()},
                     "sparsity": {n: v.sparsity for n, v in p.choice.items()}, "g": p.g, "fit": p.fit}
-            cells.put(g, "a", {"metrics": r["results"]["rtn"]["metrics"], **info})
-            cells.put(g, "b", {"metrics": r["results"]["obc"]["metrics"], "seconds": r["results"]["obc"]["seconds"],
-                               "reduction": p.reduction})
-            if args.finetune_epochs:
+            if "rtn" in apply:
+                cells.put(g, "a", {"metrics": r["results"]["rtn"]["metrics"], **info})
+            if "obc" in apply:
+                cells.put(g, "b", {"metrics": r["results"]["obc"]["metrics"], "seconds": r["results"]["obc"]["seconds"],
+                                   "reduction": p.reduction})
+            if args.finetune_epochs and todo(g, "a+ft"):
                 m = copy.deepcopy(fmodel)
                 t = time.perf_counter()
                 masks, grids = apply_path_rtn(m, p)

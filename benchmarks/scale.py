@@ -14,7 +14,7 @@ Each measurement runs in a child process of its own (``--one``), so that its pea
         Ray task each on this machine: per-task seconds, the wall time, and the projection of all 210
         layers onto 1, 8 and 64 such machines (list scheduling of the measured task times, longest
         first; parallel calibration fans all 210 out, block-wise sequential only a block's 7 at a time).
-    python benchmarks/scale.py effnet-db [--space s0.5,w4] [--repeats 2]
+    python benchmarks/scale.py effnet-db [--space s0.5,w4] [--repeats 2] [--db-runs local,ray1,ray2]
         efficientnet-lite0's database (the zoo's 256 stamps), alternately with the local executor (one
         thread), with Ray on 1 CPU (one worker, one thread: the same work, so the difference is Ray's
         overhead) and with Ray on 2 CPUs: wall seconds, and whether every tensor is identical.
@@ -282,6 +282,10 @@ def _db_tensors(d: Path) -> Dict[tuple, torch.Tensor]:
     return out
 
 
+def _db_run_name(executor: str, cpus: int) -> str:
+    return executor if executor == "local" else f"ray{cpus}"
+
+
 def effnet_db(args) -> None:
     import tempfile
 
@@ -289,7 +293,7 @@ def effnet_db(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         dirs = {}
         for rep in range(args.repeats):
-            for ex, cpus in (("local", 0), ("ray", 1), ("ray", 2)):
+            for ex, cpus in [r for r in (("local", 0), ("ray", 1), ("ray", 2)) if _db_run_name(*r) in args.db_runs]:
                 d = Path(tmp) / f"{ex}{cpus}-{rep}"
                 print(f"-- database {ex} {cpus or ''} #{rep} ({_load()})", file=sys.stderr, flush=True)
                 r = _child(["--one", "effnet-db", ex, str(d), args.space, str(cpus), "--threads", str(args.threads)])
@@ -438,6 +442,9 @@ def main(argv=None) -> int:
     ap.add_argument("--one", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--runs", type=lambda s: s.split(","),
                     default="dense,seq-sparsegpt50,seq-gptq4,par-sparsegpt50,par-gptq4".split(","))
+    ap.add_argument("--db-runs", type=lambda s: s.split(","), default=["local", "ray1", "ray2"],
+                    help="effnet-db: which builds (local, ray1: Ray with 1 CPU, ray2: with 2 CPUs); local is the "
+                         "reference the others are compared with")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (on a loaded shared machine two "
