@@ -265,3 +265,17 @@ def test_one_thread_is_the_calling_threads_and_restores_its_count():
     assert seen["main inside"] == seen["worker inside"] == 1
     assert seen["main after"] == seen["worker after"] == 2
     assert torch.equal(seen["main bits"], serial) and torch.equal(seen["worker bits"], serial)
+
+
+def test_serial_sum_is_the_one_thread_sum_at_any_thread_count():
+    from obcompress.solvers._common import serial_sum
+
+    x = torch.randn(3_000_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = float(x.sum())
+        torch.set_num_threads(2)
+        assert serial_sum(x) == one and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)

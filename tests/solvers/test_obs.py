@@ -273,8 +273,9 @@ def test_the_exact_solvers_give_the_same_bits_on_one_and_two_threads():
         for n in (1, 2):
             torch.set_num_threads(n)
             db = exact_obs_database(W, H)
-            runs.append((db.losses, db.order, exact_obs_prune(W, H, mask_structure="2:4").weight,
-                         obq_quantize(W, H, grid, mask=mask).weight, support_refit(W, H, mask)))
+            obc = obq_quantize(W, H, grid, mask=mask)
+            runs.append((db.losses, db.order, exact_obs_prune(W, H, mask_structure="2:4").weight, obc.weight,
+                         support_refit(W, H, mask), torch.tensor([db.predicted_loss(0.5), obc.loss])))
     finally:
         torch.set_num_threads(threads)
     for one, two in zip(*runs):

@@ -21,6 +21,7 @@ from ._common import (
     loop_dtype,
     prepare_layer,
     row_losses,
+    serial_sum,
 )
 from ._elimination import QuantPolicy, greedy_single, refit_on_support
 from .grid import QuantGrid, check_grid
@@ -112,7 +113,7 @@ def obq_quantize(
         method="obq",
         damp=prep.damp,
         seconds=time.perf_counter() - t0,
-        info={"predicted_loss": prune_loss + float(predicted.sum()), "joint": keep is not None,
+        info={"predicted_loss": prune_loss + serial_sum(predicted), "joint": keep is not None,
               "loop_dtype": str(loop).replace("torch.", ""), "float64_rows": float64_rows,
               "rtn_rows": int(worse.sum()), "engine": "+".join(sorted(engines))},
     )

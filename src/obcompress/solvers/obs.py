@@ -28,6 +28,7 @@ from ._common import (
     parse_mask_structure,
     prepare_layer,
     resolve_sparsity,
+    serial_sum,
     undo_column_perm,
 )
 from ._elimination import PrunePolicy, block_trajectory, greedy_single, refit_on_support
@@ -111,7 +112,7 @@ class ObsDatabase:
         counts = self.steps_per_row(sparsity)
         steps = self.order.shape[1]
         taken = torch.arange(steps, device=counts.device)[None, :] < counts[:, None]
-        return float(self.losses[taken & (self.order >= 0)].double().sum())
+        return serial_sum(self.losses[taken & (self.order >= 0)].double())
 
     @classmethod
     def restore(cls, W: torch.Tensor, H: torch.Tensor, mask_structure: str, order: torch.Tensor,
@@ -145,7 +146,7 @@ class ObsDatabase:
             Wn = refit_on_support(self._Wp, self._Hp, self._Hinvp, keep, fast=self.dtype == torch.float32)
         steps = self.order.shape[1]
         taken = torch.arange(steps, device=counts.device)[None, :] < counts[:, None]
-        predicted = float(self.losses[taken & (self.order >= 0)].double().sum())
+        predicted = serial_sum(self.losses[taken & (self.order >= 0)].double())
         Wn, keep = undo_column_perm(Wn, self._perm), undo_column_perm(keep, self._perm)
         weight = Wn.to(self.W.dtype)
         return SolverResult(
