@@ -76,6 +76,9 @@ class Cells:
         return "dp" if col.startswith("dp") or col in ("uniform", "fit_scores", "loss_scores", "score_agreement") \
             else "fit"
 
+    def columns(self, goal: str) -> List[str]:
+        return [c for group in self.paths for c in self._read(group).get(goal, {})]
+
     def get(self, goal: str, col: str) -> Optional[Dict[str, Any]]:
         return self._read(self.group(col)).get(goal, {}).get(col)
 
@@ -105,6 +108,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--no-loss-scores", action="store_true",
                     help="leave out the DP with the calibration-loss score (its single-layer swaps are the "
                          "costly part of the DP columns: one evaluation per layer and variant)")
+    ap.add_argument("--caps", type=lambda t: [float(x) for x in t.split(",") if x], default=[],
+                    help="also the fit-scored DP at these caps on the layer-wise error (e.g. 0.1,0.2,0.3): the "
+                         "sweep behind FIT_MAX_LAYER_ERROR, printed as its own table")
     ap.add_argument("--redo", action="store_true", help="measure every cell again")
     ap.add_argument("--table", action="store_true", help="only print the tables of the cells measured so far")
     ap.add_argument("--markdown", default=None)
@@ -223,6 +229,7 @@ def measure(name: str, entry, dbdir: Path, cells: Cells, goals: List[str], colum
         layer_loss_scores(db, entry.model, entry.calibration, num_samples=args.loss_samples, progress=args.progress)
         cells.put("_", "loss_scores", {"seconds": time.perf_counter() - t, "samples": args.loss_samples})
         cells.put("_", "score_agreement", score_agreement(db, kind, SCORE_CALIBRATION))
+    scores += [(f"dp-fit-cap{c:g}", kind, c) for c in args.caps]
     batches = calibration_batches(entry.calibration, samples)
     stitch = _Stitcher(db, entry.model)
 
@@ -320,6 +327,14 @@ def table(name: str, cells: Cells, goals: List[str], ft: int) -> str:
                      f"{cell(cells.get(g, 'uniform'))} | "
                      f"{a.get('reduction', float('nan')):.2f}x | {a.get('steps', '')} | "
                      f"{a.get('search_seconds', float('nan')):.0f} |")
+    caps = sorted({float(c[len("dp-fit-cap"):]) for g in goals for c in cells.columns(g) if c.startswith("dp-fit-cap")})
+    if caps:
+        lines += ["", "The fit-scored DP at other caps on the layer-wise error (the default cap is "
+                      "FIT_MAX_LAYER_ERROR):", "", "| goal | " + " | ".join(f"cap {c:g}" for c in caps)
+                  + " | no cap |", "|---" * (len(caps) + 2) + "|"]
+        for g in goals:
+            lines.append(f"| {g} | " + " | ".join(cell(cells.get(g, f"dp-fit-cap{c:g}")) for c in caps)
+                         + f" | {cell(cells.get(g, 'dp-fit-nocap'))} |")
     agree = cells.get("_", "score_agreement")
     if agree:
         lines += ["", f"Rank agreement with the calibration-loss score over {agree['pairs']} single-layer swaps "

@@ -304,8 +304,8 @@ def effnet_db(args) -> None:
         base = _db_tensors(dirs["local"])
         same = {k: v.keys() == base.keys() and all(torch.equal(v[t], base[t]) for t in base)
                 for k, v in ((k, _db_tensors(d)) for k, d in dirs.items() if k != "local")}
-    print(f"\nefficientnet-lite0 database, space {args.space}, {args.threads} thread(s) locally, Ray workers of one "
-          f"thread each")
+    print(f"\nefficientnet-lite0 database, space {args.space}, {args.threads} thread(s) locally; each Ray task "
+          f"as many threads as the CPUs Ray gives it")
     print("| executor | wall s | Hessian s | sum of layer s | load after |")
     print("|---|---:|---:|---:|---|")
     for r in rows:
