@@ -325,8 +325,8 @@ def table(name: str, cells: Cells, goals: List[str], ft: int) -> str:
                      f"{cell(cells.get(g, 'dp-error'), True)} | {cell(cells.get(g, 'dp-loss'), True)} | "
                      f"{cell(cells.get(g, 'dp-fit'), True)} | {cell(cells.get(g, 'dp-fit-nocap'), True)} | "
                      f"{cell(cells.get(g, 'uniform'))} | "
-                     f"{a.get('reduction', float('nan')):.2f}x | {a.get('steps', '')} | "
-                     f"{a.get('search_seconds', float('nan')):.0f} |")
+                     + (f"{a['reduction']:.2f}x | {a.get('steps', '')} | {a.get('search_seconds', float('nan')):.0f} |"
+                        if a else " | | |"))
     caps = sorted({float(c[len("dp-fit-cap"):]) for g in goals for c in cells.columns(g) if c.startswith("dp-fit-cap")})
     if caps:
         lines += ["", "The fit-scored DP at other caps on the layer-wise error (the default cap is "
