@@ -14,7 +14,7 @@ Each measurement runs in a child process of its own (``--one``), so that its pea
         Ray task each on this machine: per-task seconds, the wall time, and the projection of all 210
         layers onto 1, 8 and 64 such machines (list scheduling of the measured task times, longest
         first; parallel calibration fans all 210 out, block-wise sequential only a block's 7 at a time).
-    python benchmarks/scale.py effnet-db [--space s0.5,w4] [--repeats 2] [--db-runs local,ray1,ray2]
+    python benchmarks/scale.py effnet-db [--space s0.5,w4] [--repeats 2] [--db-runs ray1,ray2]
         efficientnet-lite0's database (the zoo's 256 stamps), alternately with the local executor (one
         thread), with Ray on 1 CPU (one worker, one thread: the same work, so the difference is Ray's
         overhead) and with Ray on 2 CPUs: wall seconds, and whether every tensor is identical.
@@ -293,7 +293,9 @@ def effnet_db(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         dirs = {}
         for rep in range(args.repeats):
-            for ex, cpus in [r for r in (("local", 0), ("ray", 1), ("ray", 2)) if _db_run_name(*r) in args.db_runs]:
+            # The local build always runs: it is what the others are compared with.
+            for ex, cpus in [r for r in (("local", 0), ("ray", 1), ("ray", 2))
+                             if r[0] == "local" or _db_run_name(*r) in args.db_runs]:
                 d = Path(tmp) / f"{ex}{cpus}-{rep}"
                 print(f"-- database {ex} {cpus or ''} #{rep} ({_load()})", file=sys.stderr, flush=True)
                 r = _child(["--one", "effnet-db", ex, str(d), args.space, str(cpus), "--threads", str(args.threads)])
@@ -442,9 +444,9 @@ def main(argv=None) -> int:
     ap.add_argument("--one", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--runs", type=lambda s: s.split(","),
                     default="dense,seq-sparsegpt50,seq-gptq4,par-sparsegpt50,par-gptq4".split(","))
-    ap.add_argument("--db-runs", type=lambda s: s.split(","), default=["local", "ray1", "ray2"],
-                    help="effnet-db: which builds (local, ray1: Ray with 1 CPU, ray2: with 2 CPUs); local is the "
-                         "reference the others are compared with")
+    ap.add_argument("--db-runs", type=lambda s: s.split(","), default=["ray1", "ray2"],
+                    help="effnet-db: which Ray builds besides the local one, the reference (ray1: Ray with 1 "
+                         "CPU, ray2: with 2 CPUs)")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (on a loaded shared machine two "

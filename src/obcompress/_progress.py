@@ -9,6 +9,7 @@ both off.
 
 from __future__ import annotations
 
+import functools
 import sys
 
 # Seconds between two progress lines in a log (and before the first).
@@ -36,6 +37,7 @@ class _Stream:
         self.stream.flush()
 
 
+@functools.lru_cache(maxsize=None)
 def _log_bar_class():
     from tqdm.std import tqdm
 
@@ -43,16 +45,16 @@ def _log_bar_class():
         """A tqdm whose redraws become whole lines, at most one per ``LOG_INTERVAL``."""
 
         _lines = 0
+        _last_line = None
 
         def display(self, msg=None, pos=None):
             if msg == "":  # a finished inner bar clears itself on a terminal; a log has nothing to clear
                 return False
             now = self._time()
             closing = self.disable  # close() marks the bar disabled before its last display
-            last = getattr(self, "_last_line", None)
-            if last is None:
-                last = self._last_line = getattr(self, "start_t", now)
-            if (closing and not self._lines) or (not closing and now - last < LOG_INTERVAL):
+            if self._last_line is None:  # the first display comes from __init__, before start_t is set
+                self._last_line = now
+            if (closing and not self._lines) or (not closing and now - self._last_line < LOG_INTERVAL):
                 return False
             self._last_line = now
             self._lines += 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from typing import Optional, Sequence
 
@@ -580,16 +579,13 @@ def _fisher_task(entry):
 
 
 def _max_layer_error(text: str):
+    from obcompress.search.nonuniform import check_max_layer_error
+
     t = text.strip().lower()
-    if t in ("auto", "none"):
-        return None if t == "none" else "auto"
     try:
-        x = float(t)
-    except ValueError:
-        x = math.nan
-    if not x > 0:
-        raise argparse.ArgumentTypeError(f"a positive number, 'auto' or 'none', got {text!r}")
-    return x
+        return check_max_layer_error(None if t == "none" else t)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _fit_score(args, entry, db, progress) -> str:

@@ -256,6 +256,8 @@ def test_one_thread_is_the_calling_threads_and_restores_its_count():
         with one_thread():
             seen["main inside"] = torch.get_num_threads()
             seen["main bits"] = factor()
+        with one_thread("meta"):  # work on another device leaves the CPU's threads alone
+            seen["other device"] = torch.get_num_threads()
         t = threading.Thread(target=worker)
         t.start()
         t.join(30)
@@ -263,7 +265,7 @@ def test_one_thread_is_the_calling_threads_and_restores_its_count():
     finally:
         torch.set_num_threads(threads)
     assert seen["main inside"] == seen["worker inside"] == 1
-    assert seen["main after"] == seen["worker after"] == 2
+    assert seen["main after"] == seen["worker after"] == seen["other device"] == 2
     assert torch.equal(seen["main bits"], serial) and torch.equal(seen["worker bits"], serial)
 
 

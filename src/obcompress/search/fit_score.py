@@ -43,7 +43,7 @@ from .database import Database
 from .fisher import Fisher, check_fisher
 from .space import Variant
 
-__all__ = ["fit_masks", "fit_noise", "fit_perturbation", "fit_scores", "fit_score_kind"]
+__all__ = ["fit_masks", "fit_noise", "fit_perturbation", "fit_scores", "fit_score_kind", "is_fit_score"]
 
 
 def layer_weights(fisher: Fisher, source: Any, names: Sequence[str], what: str = "weights") -> Dict[str, torch.Tensor]:
@@ -225,6 +225,15 @@ def fit_perturbation(fisher: Fisher, original_weights: Any, compressed_weights: 
 # FIT on the OBC database
 
 
+# The database score names of FIT scores start with this (the rest is a digest of their Fisher).
+FIT_SCORE_PREFIX = "fit_"
+
+
+def is_fit_score(score: str) -> bool:
+    """Whether the database score ``score`` holds FIT scores (``fit_score_kind``)."""
+    return score.startswith(FIT_SCORE_PREFIX)
+
+
 def fit_score_kind(fisher: Fisher) -> str:
     """The database score name of the FIT scores of one Fisher: ``fit_`` and a digest of its
     diagonals, so that scores of another estimate are never mixed in."""
@@ -234,7 +243,7 @@ def fit_score_kind(fisher: Fisher) -> str:
         h.update(nm.encode())
         h.update(str(tuple(t.shape)).encode())
         h.update(t.numpy().tobytes())
-    return "fit_" + h.hexdigest()[:16]
+    return FIT_SCORE_PREFIX + h.hexdigest()[:16]
 
 
 def fit_scores(db: Database, model: nn.Module, fisher: Fisher, *, prefix: str = "", progress: bool = True,

@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -40,10 +39,11 @@ from ..model.layers import find_layers, set_weight_groups, weight_groups
 from .costs import CostModel, make_cost
 from .database import Database
 from .dp import solve_dp, solve_exact
+from .fit_score import is_fit_score
 from .space import Variant
 
 __all__ = ["Goal", "Configuration", "parse_goal", "uniform_configs", "best_uniform", "select_dp", "spdy",
-           "CalibrationLoss", "layer_loss_scores", "FIT_MAX_LAYER_ERROR", "is_fit_score"]
+           "CalibrationLoss", "layer_loss_scores", "FIT_MAX_LAYER_ERROR", "check_max_layer_error"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,31 +119,31 @@ class Configuration:
 FIT_MAX_LAYER_ERROR = 0.1
 
 
-def is_fit_score(score: str) -> bool:
-    """Whether ``score`` names FIT scores (``fit_score.fit_score_kind``)."""
-    return score == "fit" or score.startswith("fit_")
-
-
-def _resolve_max_error(score: str, max_layer_error: Any) -> Optional[float]:
-    if max_layer_error == "auto":
-        return FIT_MAX_LAYER_ERROR if is_fit_score(score) else None
-    if max_layer_error is None:
-        return None
+def check_max_layer_error(value: Any) -> Union[None, str, float]:
+    """A cap on the normalised layer error: None (no cap), "auto" or a positive number."""
+    if value is None or (isinstance(value, str) and value == "auto"):
+        return value
     try:
-        cap = float(max_layer_error)
+        cap = float(value)
     except (TypeError, ValueError):
         cap = math.nan
     if not cap > 0:
-        raise ValueError(f"max_layer_error must be a positive number, None or 'auto', got {max_layer_error!r}")
+        raise ValueError(f"max_layer_error must be a positive number, None or 'auto', got {value!r}")
     return cap
 
 
-def _tables(db: Database, cost: CostModel, score: str, max_layer_error: Any = None):
-    """Names, options, scores, costs and the dense cost of the DP. ``max_layer_error``: leave out the
-    variants whose normalised layer error (the ``error`` score) exceeds it; "auto" is
-    ``FIT_MAX_LAYER_ERROR`` for FIT scores and no cap for the others. The dense variant stays."""
+def _resolve_max_error(score: str, max_layer_error: Any) -> Optional[float]:
+    """The cap in force: "auto" is ``FIT_MAX_LAYER_ERROR`` under a FIT score, no cap otherwise."""
+    cap = check_max_layer_error(max_layer_error)
+    if cap == "auto":
+        return FIT_MAX_LAYER_ERROR if is_fit_score(score) else None
+    return cap
+
+
+def _tables(db: Database, cost: CostModel, score: str, cap: Optional[float] = None):
+    """Names, options, scores, costs and the dense cost of the DP. ``cap``: leave out the variants
+    whose normalised layer error (the ``error`` score) exceeds it. The dense variant stays."""
     names = db.names
-    cap = _resolve_max_error(score, max_layer_error)
 
     def allowed(rec: Mapping[str, Any]) -> bool:
         return score in rec and math.isfinite(rec[score]) and (cap is None or rec.get("error", 0.0) <= cap)
@@ -225,14 +225,14 @@ def select_dp(db: Database, goal: Goal, *, score: str = "error", buckets: int = 
     multiple-choice knapsack with the MILP (no rounding) instead of the bucketed DP.
     ``max_layer_error``: no variant whose normalised layer error exceeds it ("auto": 0.1 under a
     FIT score, ``FIT_MAX_LAYER_ERROR``, no cap under the others; None: no cap)."""
-    names, options, scores, costs, dense = _tables(db, goal.cost, score, max_layer_error)
+    cap = _resolve_max_error(score, max_layer_error)
+    names, options, scores, costs, dense = _tables(db, goal.cost, score, cap)
     budget = _budget(goal, dense, costs)
     t0 = time.perf_counter()
     sel = solve_exact(scores, costs, budget) if exact else solve_dp(scores, costs, budget, buckets=buckets)
     return _config(names, options, sel.choice, scores, costs, dense, sel.method, goal,
                    {"slack": sel.slack, "buckets": None if exact else buckets, "budget": budget,
-                    "seconds": time.perf_counter() - t0, "score_kind": score,
-                    "max_layer_error": _resolve_max_error(score, max_layer_error)})
+                    "seconds": time.perf_counter() - t0, "score_kind": score, "max_layer_error": cap})
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,7 +425,8 @@ def spdy(db: Database, model: nn.Module, data: Iterable, goal: Goal, *, num_samp
     """
     if restarts < 0 or steps < 0:
         raise ValueError("restarts and steps must be >= 0")
-    names, options, scores, costs, dense = _tables(db, goal.cost, score, max_layer_error)
+    cap = _resolve_max_error(score, max_layer_error)
+    names, options, scores, costs, dense = _tables(db, goal.cost, score, cap)
     budget = _budget(goal, dense, costs)
     batches = calibration_batches(data, num_samples, transform_fn)
     loss_fn = CalibrationLoss(model, batches, kind)
@@ -491,7 +492,7 @@ def spdy(db: Database, model: nn.Module, data: Iterable, goal: Goal, *, num_samp
                   {"calibration_loss": best, "dp_loss": history[0][1], "evaluations": len(memo),
                    "coefficients": dict(zip(names, best_c)), "seconds": time.perf_counter() - t0,
                    "budget": budget, "loss_kind": loss_fn.kind, "history": [h[1] for h in history],
-                   "score_kind": score, "max_layer_error": _resolve_max_error(score, max_layer_error)})
+                   "score_kind": score, "max_layer_error": cap})
     return cfg
 
 

@@ -30,8 +30,9 @@ AUTO_SINGULAR_MIN_DAMP = 1e-2
 
 
 @contextlib.contextmanager
-def one_thread():
-    """Run the block on one torch (and MKL) thread, then restore the caller's thread count.
+def one_thread(device: Any = None):
+    """Run the block on one torch (and MKL) thread, then restore the caller's thread count; for
+    work on another device than the CPU (``device``) nothing changes.
 
     Why: MKL's threaded Cholesky and inverse round differently with the thread count, and the
     exact solvers' float32 loops carry that difference of an ill-conditioned H^-1 into their loss
@@ -39,6 +40,9 @@ def one_thread():
     setting is the calling thread's (OpenMP's and MKL's counts are per thread): chunk workers and
     other threads of the process keep theirs.
     """
+    if device is not None and torch.device(device).type != "cpu":
+        yield
+        return
     threads = torch.get_num_threads()
     if threads != 1:
         torch.set_num_threads(1)
@@ -100,7 +104,7 @@ def serial_sum(t: torch.Tensor) -> float:
     """``float(t.sum())`` added up in one order whatever the thread count: torch splits a long sum
     across its threads and the partial sums round differently (measured: a database's recorded
     losses differed in their last digit between 1 and 2 threads)."""
-    with one_thread() if t.device.type == "cpu" else contextlib.nullcontext():
+    with one_thread(t.device):
         return float(t.sum())
 
 
@@ -276,7 +280,7 @@ def prepare_layer(W: torch.Tensor, H: torch.Tensor, damp="auto", inverse: bool =
         if lam > 0:
             Hd = H64.clone()
             Hd.diagonal().add_(lam * mean_diag)
-        with one_thread() if serial and Hd.device.type == "cpu" else contextlib.nullcontext():
+        with one_thread(Hd.device) if serial else contextlib.nullcontext():
             L, info = torch.linalg.cholesky_ex(Hd)
             if int(info) != 0:
                 singular = auto and lam == 0

@@ -18,7 +18,6 @@ cols^3. Rows are batched in chunks and every operation inside a step is vectoris
 
 from __future__ import annotations
 
-import contextlib
 import queue
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -143,7 +142,7 @@ def support_inverses(H: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype = t
     """
     idx, valid = _support_index(keep)
     # One thread: the batched factorizations round differently with MKL's thread count (see one_thread).
-    with one_thread() if H.device.type == "cpu" else contextlib.nullcontext():
+    with one_thread(H.device):
         L = _factor(_sub_matrices(H, idx), "H restricted to a row's kept weights")
         inv = torch.cholesky_inverse(L.to(dtype))
     return inv, torch.where(valid, idx, torch.zeros_like(idx)), valid
@@ -170,23 +169,19 @@ def _solve_sub(X: torch.Tensor, idx: torch.Tensor, rhs: torch.Tensor, fast: bool
     does not converge (ill-conditioned X), fall back to the float64 factorization. On one thread
     on the CPU, so that the result is the same at any thread count (see ``one_thread``).
     """
-    with one_thread() if X.device.type == "cpu" else contextlib.nullcontext():
-        return _solve_sub_here(X, idx, rhs, fast, what)
-
-
-def _solve_sub_here(X: torch.Tensor, idx: torch.Tensor, rhs: torch.Tensor, fast: bool, what: str) -> torch.Tensor:
-    if fast:
-        L32, info = torch.linalg.cholesky_ex(_sub_matrices(X.float(), idx))
-        if bool((info == 0).all()):
-            z = torch.cholesky_solve(rhs.float().unsqueeze(2), L32).squeeze(2).double()
-            scale = rhs.norm(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
-            for _ in range(4):
-                r = rhs - _apply_sub(X, idx, z)
-                if bool(((r.norm(dim=1) / scale) <= REFINE_TOLERANCE).all()):
-                    return z
-                z = z + torch.cholesky_solve(r.float().unsqueeze(2), L32).squeeze(2).double()
-    L = _factor(_sub_matrices(X, idx), what)
-    return torch.cholesky_solve(rhs.unsqueeze(2), L).squeeze(2)
+    with one_thread(X.device):
+        if fast:
+            L32, info = torch.linalg.cholesky_ex(_sub_matrices(X.float(), idx))
+            if bool((info == 0).all()):
+                z = torch.cholesky_solve(rhs.float().unsqueeze(2), L32).squeeze(2).double()
+                scale = rhs.norm(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
+                for _ in range(4):
+                    r = rhs - _apply_sub(X, idx, z)
+                    if bool(((r.norm(dim=1) / scale) <= REFINE_TOLERANCE).all()):
+                        return z
+                    z = z + torch.cholesky_solve(r.float().unsqueeze(2), L32).squeeze(2).double()
+        L = _factor(_sub_matrices(X, idx), what)
+        return torch.cholesky_solve(rhs.unsqueeze(2), L).squeeze(2)
 
 
 def refit_on_support(W: torch.Tensor, H: torch.Tensor, Hinv: torch.Tensor, keep: torch.Tensor,

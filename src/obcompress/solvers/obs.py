@@ -90,10 +90,20 @@ class ObsDatabase:
         flat = torch.argsort(keys.flatten(), stable=True)[:total]
         return torch.bincount(flat // steps, minlength=rows)
 
+    def _taken(self, counts: torch.Tensor) -> torch.Tensor:
+        """(rows, steps): the steps taken when each row takes its first ``counts`` steps."""
+        steps = self.order.shape[1]
+        return (torch.arange(steps, device=counts.device)[None, :] < counts[:, None]) & (self.order >= 0)
+
+    def _taken_loss(self, counts: torch.Tensor) -> float:
+        return serial_sum(self.losses[self._taken(counts)].double())
+
     def mask(self, sparsity: Optional[float]) -> torch.Tensor:
-        counts = self.steps_per_row(sparsity)
-        rows, steps = self.order.shape
-        taken = (torch.arange(steps, device=counts.device)[None, :] < counts[:, None]) & (self.order >= 0)
+        return self._mask(self.steps_per_row(sparsity))
+
+    def _mask(self, counts: torch.Tensor) -> torch.Tensor:
+        rows = self.order.shape[0]
+        taken = self._taken(counts)
         cols = self._Wp.shape[1]
         pruned_units = torch.zeros(rows, cols // self.unit, dtype=torch.bool, device=counts.device)
         # Untaken steps scatter False; a padded step (-1) would alias unit 0, so it scatters False too.
@@ -109,10 +119,7 @@ class ObsDatabase:
         """The sum of the taken steps' losses: the loss at ``sparsity`` w.r.t. the dampened H,
         without re-fitting (equal to ``at(sparsity).loss`` when no dampening was needed, up to the
         loop's float precision)."""
-        counts = self.steps_per_row(sparsity)
-        steps = self.order.shape[1]
-        taken = torch.arange(steps, device=counts.device)[None, :] < counts[:, None]
-        return serial_sum(self.losses[taken & (self.order >= 0)].double())
+        return self._taken_loss(self.steps_per_row(sparsity))
 
     @classmethod
     def restore(cls, W: torch.Tensor, H: torch.Tensor, mask_structure: str, order: torch.Tensor,
@@ -138,15 +145,13 @@ class ObsDatabase:
     def at(self, sparsity: Optional[float] = None) -> SolverResult:
         """The compressed layer at ``sparsity``: mask, least-squares re-fitted weights, exact loss."""
         t0 = time.perf_counter()
-        keep = self.mask(sparsity)
         counts = self.steps_per_row(sparsity)
+        keep = self._mask(counts)
         if self._final is not None and bool((counts == self.order.shape[1]).all()):
             Wn = self._final
         else:
             Wn = refit_on_support(self._Wp, self._Hp, self._Hinvp, keep, fast=self.dtype == torch.float32)
-        steps = self.order.shape[1]
-        taken = torch.arange(steps, device=counts.device)[None, :] < counts[:, None]
-        predicted = serial_sum(self.losses[taken & (self.order >= 0)].double())
+        predicted = self._taken_loss(counts)
         Wn, keep = undo_column_perm(Wn, self._perm), undo_column_perm(keep, self._perm)
         weight = Wn.to(self.W.dtype)
         return SolverResult(
