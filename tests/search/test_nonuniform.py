@@ -143,6 +143,13 @@ def test_calibration_loss_and_loss_scores(setup):
         CalibrationLoss(model, batches, kind="l1")
 
 
+def test_loss_scores_with_the_prefix_replayed_equal_full_passes(setup):
+    model, data, db = setup
+    full = layer_loss_scores(db, model, data, num_samples=128, progress=False, save=False, replay=False)
+    replayed = layer_loss_scores(db, model, data, num_samples=128, progress=False, save=False)
+    assert replayed == full and len(full["fc2"]) == len(db.options("fc2"))
+
+
 def test_variants_without_a_finite_score_are_not_offered(setup):
     _, _, db = setup
     e = db.layers["fc1"]

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from .._progress import progress_bar
 from ..model.calibration import calibration_batches, run_model
 from ..model.layers import find_layers, set_weight_groups, weight_groups
+from ..model.replay import PrefixReplay, call_intervals
 from .costs import CostModel, make_cost
 from .database import Database
 from .dp import solve_dp, solve_exact
@@ -272,18 +273,47 @@ class CalibrationLoss:
         if kind == "auto":
             kind = "kl" if self.reference[0][0].dim() == 2 and self.reference[0][0].shape[1] > 1 else "mse"
         self.kind = kind
+        self._calls = None
 
     def _run(self, batch) -> List[torch.Tensor]:
         with torch.no_grad():
             return [t.detach().float() for t in _outputs(run_model(self.model, batch))]
 
-    def __call__(self) -> float:
+    def replay(self, layer: str) -> Optional[PrefixReplay]:
+        """The dense computation ahead of ``layer`` recorded, for ``self(replay)`` to run only the
+        rest while ``layer`` alone changes; None when the replayed dense model does not give the
+        dense outputs exactly (a model whose calls vary between passes), and full passes are needed."""
+        was = self.model.training
+        self.model.eval()
+        try:
+            runs = [lambda b=b: run_model(self.model, b) for b in self.batches]
+            if self._calls is None:
+                self._calls = call_intervals(self.model, runs[0])
+            replay = PrefixReplay(self.model, layer, runs, self._calls)
+            if not replay.skipped:
+                return None
+            for i, (batch, ref) in enumerate(zip(self.batches, self.reference)):
+                with replay.active(i):
+                    out = self._run(batch)
+                if len(out) != len(ref) or not all(torch.equal(o, r) for o, r in zip(out, ref)):
+                    return None
+            return replay
+        finally:
+            self.model.train(was)
+
+    def __call__(self, replay: Optional[PrefixReplay] = None) -> float:
+        """The loss; with ``replay`` (from ``self.replay(layer)``), only the model from that layer
+        on is run: valid while no other layer differs from when it was recorded."""
         was = self.model.training
         self.model.eval()
         try:
             total, n = 0.0, 0
-            for batch, ref in zip(self.batches, self.reference):
-                out = self._run(batch)
+            for i, (batch, ref) in enumerate(zip(self.batches, self.reference)):
+                if replay is None:
+                    out = self._run(batch)
+                else:
+                    with replay.active(i):
+                        out = self._run(batch)
                 if self.kind == "kl":
                     p = F.log_softmax(ref[0], dim=-1)
                     q = F.log_softmax(out[0], dim=-1)
@@ -361,13 +391,17 @@ PRELOAD_LAYERS = 8
 
 def layer_loss_scores(db: Database, model: nn.Module, data: Iterable, *, num_samples: int = 64,
                       transform_fn: Optional[Callable] = None, variants: Optional[Sequence[str]] = None,
-                      kind: str = "auto", progress: bool = True, save: bool = True) -> Dict[str, Dict[str, float]]:
+                      kind: str = "auto", progress: bool = True, save: bool = True,
+                      replay: bool = True) -> Dict[str, Dict[str, float]]:
     """The paper's "loss" scores: for each layer and variant, the calibration loss of the dense
     model with only that layer swapped to the variant (the dense model's own is 0: the loss is
     measured against its outputs). ``variants``: keys to score (default all), one forward pass
     over ``num_samples`` per pair. ``save``: stored in the database as the ``calibration_loss``
     score after each layer (``select_dp(..., score="calibration_loss")``); a layer already scored
-    for these variants is not scored again, so an interrupted run resumes."""
+    for these variants is not scored again, so an interrupted run resumes. ``replay``: the
+    modules that run before a layer are run once per layer and replayed for its variants
+    (``model.replay``; a layer whose replay does not reproduce the dense outputs exactly is scored
+    with full passes)."""
     batches = calibration_batches(data, num_samples, transform_fn)
     loss = CalibrationLoss(model, batches, kind)
     st = _Stitcher(db, model, cache_bytes=0)
@@ -386,16 +420,20 @@ def layer_loss_scores(db: Database, model: nn.Module, data: Iterable, *, num_sam
     for name, v in todo:
         layer_keys.setdefault(name, []).append(v.key)
     order = list(layer_keys)
+    prefix = None
     try:
         bar = progress_bar(todo, desc="loss scores", unit="variant", progress=progress)
         for i, (name, v) in enumerate(bar):
-            if remote and (i == 0 or todo[i - 1][0] != name) and (name, v.key) not in st.preloaded:
+            first = i == 0 or todo[i - 1][0] != name
+            if remote and first and (name, v.key) not in st.preloaded:
                 # The next few layers' variants rebuilt side by side while this process measures.
                 at = order.index(name)
                 st.preload({n: layer_keys[n] for n in order[at:at + PRELOAD_LAYERS]})
+            if first:
+                prefix = loss.replay(name) if replay else None
             st.set({name: v})
             # A divergence from the dense outputs is >= 0; rounding can leave a tiny negative.
-            out.setdefault(name, {"dense": 0.0})[v.key] = max(0.0, loss())
+            out.setdefault(name, {"dense": 0.0})[v.key] = max(0.0, loss(prefix))
             st.set({name: Variant()})
             if save and (i + 1 == len(todo) or todo[i + 1][0] != name):
                 db.save_scores(SCORE_CALIBRATION, {name: out[name]})
