@@ -46,6 +46,7 @@ import torch
 GOALS = ("size=1/8", "size=1/12", "size=1/16", "bops=1/8", "bops=1/12")
 SPACES = {"digits-cnn": "default", "efficientnet-lite0": "default", "minilm": "reach16"}
 SAMPLES = {"digits-cnn": 512, "efficientnet-lite0": 256, "minilm": 128}
+FINETUNE_LR = 1e-3
 COLUMNS = ("a", "a+ft", "b", "dp-error", "dp-loss", "dp-fit", "dp-fit-nocap", "uniform")
 
 
@@ -103,7 +104,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--beam-width", type=int, default=1)
     ap.add_argument("--refresh-batches", type=int, default=20)
     ap.add_argument("--finetune-epochs", type=int, default=3)
-    ap.add_argument("--finetune-lr", type=float, default=1e-3)
+    ap.add_argument("--finetune-lr", type=float, default=FINETUNE_LR,
+                    help="the fine-tune's Adam learning rate; another than the default is measured and tabulated "
+                         "as a column of its own")
     ap.add_argument("--loss-samples", type=int, default=64, help="calibration samples of the calibration-loss scores")
     ap.add_argument("--no-loss-scores", action="store_true",
                     help="leave out the DP with the calibration-loss score (its single-layer swaps are the "
@@ -185,10 +188,13 @@ def measure(name: str, entry, dbdir: Path, cells: Cells, goals: List[str], colum
     def todo(goal: str, col: str) -> bool:
         return args.redo or cells.get(goal, col) is None
 
+    # The fine-tune at another learning rate than the table's is a column of its own.
+    ft_col = "a+ft" if args.finetune_lr == FINETUNE_LR else f"a+ft@lr{args.finetune_lr:g}"
+
     for g in goals:
         goal = parse_goal(g, **({"activation_bits": 8} if g.startswith("bops") else {}))
         act = 8 if goal.cost.name == "bops" else None
-        if "fit" in columns and (todo(g, "a") or todo(g, "b") or (args.finetune_epochs and todo(g, "a+ft"))):
+        if "fit" in columns and (todo(g, "a") or todo(g, "b") or (args.finetune_epochs and todo(g, ft_col))):
             # The path is searched again for a missing cell; only the missing applications run.
             apply = tuple(a for a, col in (("rtn", "a"), ("obc", "b")) if todo(g, col))
             r = run_fitcompress(fmodel, fdata, goal, evaluate=fevaluate, apply=apply, fisher=fisher,
@@ -203,14 +209,14 @@ def measure(name: str, entry, dbdir: Path, cells: Cells, goals: List[str], colum
             if "obc" in apply:
                 cells.put(g, "b", {"metrics": r["results"]["obc"]["metrics"], "seconds": r["results"]["obc"]["seconds"],
                                    "reduction": p.reduction})
-            if args.finetune_epochs and todo(g, "a+ft"):
+            if args.finetune_epochs and todo(g, ft_col):
                 m = copy.deepcopy(fmodel)
                 t = time.perf_counter()
                 masks, grids = apply_path_rtn(m, p)
                 finetune(m, labelled, cross_entropy, masks, grids, epochs=args.finetune_epochs, lr=args.finetune_lr)
                 if act:
                     attach_recipe_activations(m, p.recipe(activation_bits=act), [x for x, _ in labelled])
-                cells.put(g, "a+ft", {"metrics": fevaluate(m), "seconds": time.perf_counter() - t,
+                cells.put(g, ft_col, {"metrics": fevaluate(m), "seconds": time.perf_counter() - t,
                                       "epochs": args.finetune_epochs, "lr": args.finetune_lr})
                 del m
     if "dp" not in columns:
@@ -335,6 +341,14 @@ def table(name: str, cells: Cells, goals: List[str], ft: int) -> str:
         for g in goals:
             lines.append(f"| {g} | " + " | ".join(cell(cells.get(g, f"dp-fit-cap{c:g}")) for c in caps)
                          + f" | {cell(cells.get(g, 'dp-fit-nocap'))} |")
+    lrs = sorted({float(c[len("a+ft@lr"):]) for g in goals for c in cells.columns(g) if c.startswith("a+ft@lr")})
+    if lrs:
+        lines += ["", f"(a) + {ft}-epoch fine-tune at other Adam learning rates:", "",
+                  f"| goal | lr {FINETUNE_LR:g} | " + " | ".join(f"lr {r:g}" for r in lrs) + " |",
+                  "|---" * (len(lrs) + 2) + "|"]
+        for g in goals:
+            lines.append(f"| {g} | {cell(cells.get(g, 'a+ft'))} | "
+                         + " | ".join(cell(cells.get(g, f"a+ft@lr{r:g}")) for r in lrs) + " |")
     agree = cells.get("_", "score_agreement")
     if agree:
         lines += ["", f"Rank agreement with the calibration-loss score over {agree['pairs']} single-layer swaps "
