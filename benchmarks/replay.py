@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from pathlib import Path
 
 import torch
 
-SPACES = {"digits-cnn": "default", "efficientnet-lite0": "default", "minilm": "reach16"}
+from fitcompress import SPACES  # the databases that benchmark builds
 
 
 def interleaved(fns, repeats):

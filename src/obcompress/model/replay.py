@@ -10,9 +10,9 @@ forward) still run: they see the same inputs as before.
 
 What the replay relies on: the model's calls are the same from batch to batch and from pass to
 pass (no data-dependent control flow ahead of the layer), and a skipped module leaves no state that
-later code reads. A model outside this is caught rather than trusted: ``check`` runs the replayed
-dense model and compares it with a full pass, and a caller falls back to full passes when they
-differ.
+later code reads. A model outside this is caught rather than trusted: the caller runs the replayed
+dense model once and compares it with a full pass (``search.nonuniform.CalibrationLoss.replay``),
+and falls back to full passes when they differ.
 """
 
 from __future__ import annotations
@@ -76,8 +76,6 @@ class PrefixReplay:
 
     def __init__(self, model: nn.Module, layer: str, runs: Sequence[Callable[[], Any]],
                  calls: Optional[Dict[str, List[Tuple[int, int]]]] = None):
-        self.model = model
-        self.layer = layer
         modules = dict(model.named_modules())
         if layer not in modules:
             raise KeyError(f"layer {layer!r} is not a module of the model")

@@ -22,6 +22,7 @@ The output of every selector is a ``Configuration`` whose ``recipe()`` ``compres
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -275,17 +276,24 @@ class CalibrationLoss:
         self.kind = kind
         self._calls = None
 
-    def _run(self, batch) -> List[torch.Tensor]:
-        with torch.no_grad():
+    def _run(self, batch, replay: Optional[PrefixReplay] = None, index: int = 0) -> List[torch.Tensor]:
+        with torch.no_grad(), replay.active(index) if replay is not None else contextlib.nullcontext():
             return [t.detach().float() for t in _outputs(run_model(self.model, batch))]
+
+    @contextlib.contextmanager
+    def _evaluating(self):
+        was = self.model.training
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train(was)
 
     def replay(self, layer: str) -> Optional[PrefixReplay]:
         """The dense computation ahead of ``layer`` recorded, for ``self(replay)`` to run only the
         rest while ``layer`` alone changes; None when the replayed dense model does not give the
         dense outputs exactly (a model whose calls vary between passes), and full passes are needed."""
-        was = self.model.training
-        self.model.eval()
-        try:
+        with self._evaluating():
             runs = [lambda b=b: run_model(self.model, b) for b in self.batches]
             if self._calls is None:
                 self._calls = call_intervals(self.model, runs[0])
@@ -293,27 +301,18 @@ class CalibrationLoss:
             if not replay.skipped:
                 return None
             for i, (batch, ref) in enumerate(zip(self.batches, self.reference)):
-                with replay.active(i):
-                    out = self._run(batch)
+                out = self._run(batch, replay, i)
                 if len(out) != len(ref) or not all(torch.equal(o, r) for o, r in zip(out, ref)):
                     return None
             return replay
-        finally:
-            self.model.train(was)
 
     def __call__(self, replay: Optional[PrefixReplay] = None) -> float:
         """The loss; with ``replay`` (from ``self.replay(layer)``), only the model from that layer
         on is run: valid while no other layer differs from when it was recorded."""
-        was = self.model.training
-        self.model.eval()
-        try:
+        with self._evaluating():
             total, n = 0.0, 0
             for i, (batch, ref) in enumerate(zip(self.batches, self.reference)):
-                if replay is None:
-                    out = self._run(batch)
-                else:
-                    with replay.active(i):
-                        out = self._run(batch)
+                out = self._run(batch, replay, i)
                 if self.kind == "kl":
                     p = F.log_softmax(ref[0], dim=-1)
                     q = F.log_softmax(out[0], dim=-1)
@@ -326,8 +325,6 @@ class CalibrationLoss:
             if not math.isfinite(total):
                 raise ValueError("the calibration loss is not finite: the compressed model's outputs are NaN/inf")
             return total / max(n, 1)
-        finally:
-            self.model.train(was)
 
 
 class _Stitcher:
